@@ -1,0 +1,135 @@
+"""Datasets and the split of their images into calibration and evaluation images.
+
+Calibration images never appear among the evaluation images: they come from
+the training split where the dataset has one (digits), else from a seeded
+random slice of the evaluation split that is then excluded (ImageNet val).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from fxpsweep.errors import ConfigError
+
+# The digits split is fixed: the embedded model is trained on the training part,
+# so the held-out part must be the same for training and evaluation.
+DIGITS_TEST_FRACTION = 0.3
+DIGITS_SPLIT_SEED = 0
+IMAGENET_CLASSES = 1000
+
+
+@dataclass
+class DataSplits:
+    """Calibration and evaluation images of one job, and where the calibration images came from."""
+
+    calibration: Dataset
+    evaluation: Dataset
+    calibration_source: str  # e.g. "train[seed 0: 20 of 1257]"
+
+    def with_transform(self, transform: Callable | None) -> DataSplits:
+        """The same splits with ``transform`` applied to every image (None: unchanged)."""
+        if transform is None:
+            return self
+        return DataSplits(Transformed(self.calibration, transform), Transformed(self.evaluation, transform), self.calibration_source)
+
+
+class Transformed(Dataset):
+    """``(transform(image), label)`` for every ``(image, label)`` of ``images``."""
+
+    def __init__(self, images: Dataset, transform: Callable) -> None:
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image, label = self.images[index]
+        return self.transform(image), label
+
+
+def digits_splits(test_fraction: float = DIGITS_TEST_FRACTION, split_seed: int = DIGITS_SPLIT_SEED) -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn's 1797 digits as (train, test) TensorDatasets, stratified.
+
+    Images: float32 ``(N, 1, 8, 8)`` in ``[0, 1]`` (pixel value / 16). Labels: int64 0..9.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.int64)
+    train_idx, test_idx = train_test_split(
+        torch.arange(len(y)).numpy(), test_size=test_fraction, random_state=split_seed, stratify=y.numpy()
+    )
+    return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx])
+
+
+def _seeded_order(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _check_counts(n_samples: int, eval_limit: int | None) -> None:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ConfigError(f"n_samples={n_samples!r} must be a positive integer (number of calibration images)")
+    if eval_limit is not None and (isinstance(eval_limit, bool) or not isinstance(eval_limit, int) or eval_limit < 1):
+        raise ConfigError(f"eval_limit={eval_limit!r} must be a positive integer, or null for all evaluation images")
+
+
+def split_digits(n_samples: int, eval_limit: int | None, seed: int) -> DataSplits:
+    """Calibration: ``n_samples`` seeded images of the training split. Evaluation: the held-out split."""
+    _check_counts(n_samples, eval_limit)
+    train, test = digits_splits()
+    if n_samples > len(train):
+        raise ConfigError(f"n_samples={n_samples} exceeds the {len(train)} training images of the digits")
+    calibration = Subset(train, _seeded_order(len(train), seed)[:n_samples])
+    evaluation = Subset(test, range(min(len(test), eval_limit or len(test))))
+    return DataSplits(calibration, evaluation, f"train[seed {seed}: {n_samples} of {len(train)}]")
+
+
+def _split_held_out(images: Dataset, n_samples: int, eval_limit: int | None, seed: int) -> DataSplits:
+    """For a dataset with one split: a seeded random slice calibrates, the rest (in order) evaluates."""
+    n = len(images)
+    if n_samples >= n:
+        raise ConfigError(f"n_samples={n_samples} leaves no evaluation image among the {n} images")
+    calib_idx = _seeded_order(n, seed)[:n_samples]
+    taken = set(calib_idx)
+    eval_idx = [i for i in range(n) if i not in taken][:eval_limit]
+    return DataSplits(Subset(images, calib_idx), Subset(images, eval_idx), f"val[seed {seed}: {n_samples} of {n}, excluded from evaluation]")
+
+
+def imagenet_folder(root: str | None) -> Dataset:
+    """ImageNet validation images in the standard layout: ``root/<wnid>/*.JPEG``, 1000 wnid folders.
+
+    Labels are the positions of the wnids in sorted order, which is
+    torchvision's class index order. Empty class folders are allowed (a subset).
+    """
+    from torchvision.datasets import ImageFolder
+
+    how = (
+        "give the ILSVRC2012 validation images in the standard layout, one folder per class "
+        "(root/n01440764/ILSVRC2012_val_00000293.JPEG, ...; 1000 folders), as dataset.root=DIR"
+    )
+    if root is None:
+        raise ConfigError(f"dataset=imagenet needs dataset.root: {how}")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"dataset.root={root} does not exist or is not a folder; {how}")
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
+    if len(classes) != IMAGENET_CLASSES:
+        raise ConfigError(f"dataset.root={root} has {len(classes)} class folders, not {IMAGENET_CLASSES}; {how}")
+    images = ImageFolder(str(path), allow_empty=True)
+    if len(images) == 0:
+        raise ConfigError(f"dataset.root={root} has the 1000 class folders but no images in them; {how}")
+    return images
+
+
+def split_imagenet_folder(root: str | None, n_samples: int, eval_limit: int | None, seed: int) -> DataSplits:
+    """ImageNet validation folder (PIL images): a seeded slice of ``n_samples`` calibrates, the rest evaluates."""
+    _check_counts(n_samples, eval_limit)
+    return _split_held_out(imagenet_folder(root), n_samples, eval_limit, seed)

@@ -1,0 +1,130 @@
+"""The embedded default model: a small CNN trained by fxpsweep on scikit-learn's digits.
+
+scikit-learn ships 1797 real 8x8 handwritten digits (pixel values 0..16), so
+this model needs no download. Training is deterministic (fixed seed, one
+thread) and takes a few seconds on a CPU; the checkpoint is cached under
+``cache_dir`` and keyed by everything that shapes it, so it is trained once per
+machine. ``python -m fxpsweep.models.digits_cnn`` (re)trains it explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from fxpsweep.data import digits_splits
+from fxpsweep.models import PretrainedModel
+from fxpsweep.storage import atomic_torch_save, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class DigitsCNN(nn.Module):
+    """Three 3x3 convolutions with BatchNorm and ReLU, global average pooling, one linear layer.
+
+    Input: ``(N, 1, 8, 8)`` pixel intensities in ``[0, 1]``. Output: 10 logits.
+    """
+
+    def __init__(self, width: int = 32, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 8x8 -> 4x4
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """Everything that determines the trained weights (it keys the cache)."""
+
+    width: int = 32
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    test_fraction: float = 0.3  # held out for evaluation, stratified
+    split_seed: int = 0
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def train(recipe: TrainingRecipe) -> DigitsCNN:
+    """Train a DigitsCNN on the training split of the digits, deterministically."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: identical floating-point sums on every run
+    try:
+        generator = torch.Generator().manual_seed(recipe.seed)
+        torch.manual_seed(recipe.seed)
+        train_set, _ = digits_splits(recipe.test_fraction, recipe.split_seed)
+        x, y = train_set.tensors
+        model = DigitsCNN(recipe.width)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=recipe.lr, total_steps=recipe.epochs * -(-len(x) // recipe.batch_size)
+        )
+        model.train()
+        for _ in tqdm(range(recipe.epochs), desc="training digits_cnn", unit="epoch"):
+            order = torch.randperm(len(x), generator=generator)
+            for start in range(0, len(x), recipe.batch_size):
+                idx = order[start : start + recipe.batch_size]
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+        return model.eval()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def checkpoint_path(cache_dir: str | Path, recipe: TrainingRecipe) -> Path:
+    return Path(cache_dir).expanduser() / f"digits_cnn-{recipe.key()}.pt"
+
+
+def pretrained_digits_cnn(cache_dir: str | Path, recipe: TrainingRecipe | None = None) -> PretrainedModel:
+    """The trained embedded model, from the cache or trained now (and cached atomically)."""
+    recipe = recipe or TrainingRecipe()
+    path = checkpoint_path(cache_dir, recipe)
+    model = DigitsCNN(recipe.width)
+    if path.exists():
+        model.load_state_dict(load_checkpoint(path))
+    else:
+        log.info("training the embedded digits model once; cached at %s", path)
+        model = train(recipe)
+        atomic_torch_save(model.state_dict(), path)
+    return PretrainedModel(model.eval(), meta={"checkpoint": str(path)})
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train the embedded digits CNN and cache its checkpoint.")
+    parser.add_argument("--cache-dir", default="~/.cache/fxpsweep")
+    args = parser.parse_args()
+    recipe = TrainingRecipe()
+    target = checkpoint_path(args.cache_dir, recipe)
+    atomic_torch_save(train(recipe).state_dict(), target)
+    print(f"saved {target}")

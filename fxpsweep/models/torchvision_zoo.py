@@ -1,0 +1,75 @@
+"""torchvision classifiers with pinned ImageNet weights, downloaded into torch's hub cache.
+
+Weights are named by their enum member (``IMAGENET1K_V1``), never ``DEFAULT``,
+which moves between torchvision releases. The file lands where torchvision
+puts it, ``$TORCH_HOME/hub/checkpoints/<file name of the URL>``, so a machine
+without internet can be given the file by copying it there.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torchvision
+
+from fxpsweep.errors import ConfigError
+from fxpsweep.models import PretrainedModel
+from fxpsweep.storage import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def weights_enum(arch: str, weights: str) -> torchvision.models.WeightsEnum:
+    """The torchvision weights member ``weights`` of architecture ``arch``."""
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except ValueError:
+        known = ", ".join(torchvision.models.list_models(module=torchvision.models))
+        raise ConfigError(f"arch={arch!r} is not a torchvision classifier; known: {known}") from None
+    try:
+        return enum[weights]
+    except KeyError:
+        names = ", ".join(m.name for m in enum)
+        raise ConfigError(f"weights={weights!r} are not published for {arch}; choose one of: {names}") from None
+
+
+def checkpoint_file(weights: torchvision.models.WeightsEnum) -> Path:
+    """Where torch.hub keeps (or will download) the file of ``weights``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+def fetch_state_dict(weights: torchvision.models.WeightsEnum) -> dict[str, torch.Tensor]:
+    """The state dict of ``weights``: from the hub cache, else downloaded (hash-checked) into it."""
+    path = checkpoint_file(weights)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        match = torch.hub.HASH_REGEX.search(path.name)
+        try:
+            torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=match.group(1) if match else None)
+        except Exception as err:  # URLError, HTTPError, hash mismatch, disk full: all mean "not here"
+            raise ConfigError(
+                f"the weights file {path} is missing and could not be downloaded from {weights.url} "
+                f"({type(err).__name__}: {err}). On a machine without internet, download that URL elsewhere "
+                f"and copy the file to {path} (the folder follows TORCH_HOME)"
+            ) from None
+    return load_checkpoint(path)
+
+
+def pretrained(arch: str, weights: str) -> PretrainedModel:
+    """A torchvision ImageNet classifier with pinned weights and their preprocessing and metadata."""
+    member = weights_enum(arch, weights)
+    model = torchvision.models.get_model(arch, weights=None)
+    try:
+        model.load_state_dict(fetch_state_dict(member))
+    except RuntimeError as err:  # wrong keys or shapes
+        raise ConfigError(f"{checkpoint_file(member)} does not fit {arch}: {err}") from None
+    metrics = member.meta.get("_metrics", {}).get("ImageNet-1K", {})
+    meta = {
+        "weights": f"{type(member).__name__}.{member.name}",
+        "url": member.url,
+        "published_top1": metrics.get("acc@1"),
+        "published_top5": metrics.get("acc@5"),
+    }
+    return PretrainedModel(model.eval(), member.transforms(), meta)

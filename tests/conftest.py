@@ -1,0 +1,37 @@
+"""Shared fixtures: the repo root, a per-session cache with the trained digits model, and running the app."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder holding the trained embedded model, trained once per test session."""
+    from fxpsweep.models.digits_cnn import pretrained_digits_cnn
+
+    path = tmp_path_factory.mktemp("cache")
+    pretrained_digits_cnn(path)
+    return path
+
+
+@pytest.fixture
+def run_app(cache_dir: Path):
+    """Run ``python run.py ARGS`` in a subprocess, with the test cache, and return the finished process."""
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+        full_env = {**os.environ, "FXPSWEEP_CACHE": str(cache_dir), "HYDRA_FULL_ERROR": "0", **(env or {})}
+        return subprocess.run(
+            [sys.executable, str(REPO / "run.py"), *args],
+            cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+        )
+
+    return run
