@@ -205,3 +205,70 @@ def quantize(
     k = quantize_codes(x, total_bits, frac_bits, rounding, overflow, generator)
     dtype = x.dtype if x.is_floating_point() and exactly_representable(total_bits, frac_bits, x.dtype) else torch.float64
     return codes_to_real(k, frac_bits, dtype)
+
+
+def round_and_overflow(
+    v: torch.Tensor, fmt: QFormat, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, int]:
+    """Round scaled values ``v`` (real value times ``2**F``) to codes of ``fmt``; count overflows.
+
+    ``v`` may be modified in place. Returns the codes (same float dtype) and
+    how many values were saturated or wrapped. The range check is one min/max
+    pass; the overflow rule runs only where a value is out of range.
+    """
+    k = torch.round_(v) if fmt.rounding == "nearest_even" else round_to_integer(v, fmt.rounding, generator)
+    low, high = torch.aminmax(k) if k.numel() else (torch.zeros(()), torch.zeros(()))
+    if low >= fmt.min_code and high <= fmt.max_code:
+        return k, 0
+    overflowed = int(((k < fmt.min_code) | (k > fmt.max_code)).sum())
+    return apply_overflow(k, fmt.total_bits, fmt.overflow), overflowed
+
+
+def requantize(
+    acc: torch.Tensor,
+    shift: torch.Tensor | int,
+    fmt: QFormat,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Round integer codes ``acc`` (an integer-valued float tensor) by ``2**shift`` into ``fmt``.
+
+    ``shift`` is ``F_out - F_acc`` (a tensor broadcasts, e.g. one per channel).
+    Scaling an integer by a power of two is exact, so the result is exact
+    whenever ``acc`` itself is (float32 below ``2**24``, float64 below ``2**53``).
+    Returns the new codes (same float dtype) and how many values overflowed
+    (were saturated or wrapped).
+    """
+    scale = torch.pow(2.0, shift) if isinstance(shift, torch.Tensor) else 2.0**shift
+    return round_and_overflow(acc * scale, fmt, generator)
+
+
+def divide_and_round(p: torch.Tensor, q: torch.Tensor, rounding: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``rounding(p / q)`` for integer-valued float64 ``p`` and positive integer-valued ``q``, exactly.
+
+    ``p / q`` itself is not exact in floating point, so the quotient is
+    floored, corrected to the true floor with the exact remainder
+    ``r = p - q * floor`` (|values| below ``2**53``), and the rounding decided
+    on ``r`` against ``q``: the average-pooling division of a datapath.
+    """
+    q = q.to(p.dtype)
+    low = torch.floor(p / q)
+    r = p - low * q
+    low = low - (r < 0).to(p.dtype) + (r >= q).to(p.dtype)
+    r = p - low * q  # now 0 <= r < q
+    twice = 2 * r
+    if rounding == "nearest_even":
+        up = (twice > q) | ((twice == q) & (torch.remainder(low, 2) == 1))
+    elif rounding == "nearest_up":
+        up = twice >= q
+    elif rounding == "nearest_away":
+        up = (twice > q) | ((twice == q) & (p > 0))
+    elif rounding == "floor":
+        up = torch.zeros_like(r, dtype=torch.bool)
+    elif rounding == "toward_zero":
+        up = (r > 0) & (p < 0)
+    elif rounding == "stochastic":
+        draw = torch.rand(p.shape, generator=generator, dtype=torch.float64, device="cpu").to(p.device)
+        up = draw * q < r
+    else:
+        raise ConfigError(f"rounding={rounding!r} is unknown; allowed: {', '.join(ROUNDING_MODES)}")
+    return low + up.to(p.dtype)

@@ -19,7 +19,8 @@ from fxpsweep.errors import ConfigError
 from fxpsweep.evaluate import evaluate_pair
 from fxpsweep.fixedpoint import check_bits
 from fxpsweep.models import PretrainedModel
-from fxpsweep.quantized import QuantizedNetwork, QuantSettings
+from fxpsweep.quantized import QuantizedNetwork
+from fxpsweep.settings import QuantSettings
 from fxpsweep.storage import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,19 @@ ACC_LINES_FILE = "acc1_acc5.txt"
 
 
 def quant_settings(cfg: DictConfig) -> QuantSettings:
-    """The word lengths and rules of ``cfg``; bad values raise ConfigError naming the key."""
+    """The fixed-point configuration of ``cfg``; bad values raise ConfigError naming the key."""
     check_bits(cfg.bits, "bits")
     return QuantSettings(
-        param_bits=cfg.param_bits, fwd_bits=cfg.fwd_bits, rounding=cfg.rounding, overflow=cfg.overflow
+        param_bits=cfg.param_bits,
+        fwd_bits=cfg.fwd_bits,
+        rounding=cfg.rounding,
+        overflow=cfg.overflow,
+        acc_bits=cfg.acc_bits,
+        acc_overflow=cfg.acc_overflow,
+        product_bits=cfg.product_bits,
+        batchnorm=cfg.batchnorm,
+        arithmetic=cfg.arithmetic,
+        seed=cfg.seed,
     )
 
 
@@ -102,6 +112,11 @@ def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str,
         "fwd_bits": settings.fwd_bits,
         "rounding": settings.rounding,
         "overflow": settings.overflow,
+        "arithmetic": settings.arithmetic,
+        "acc_bits": settings.acc_bits,
+        "acc_overflow": settings.acc_overflow,
+        "product_bits": settings.product_bits,
+        "batchnorm": settings.batchnorm,
         "n_samples": len(splits.calibration),
         "calibration_images": splits.calibration_source,
         "n_eval": float_acc.n_images,

@@ -2,20 +2,19 @@
 
 The network is traced with ``torch.fx`` so that functional operations (a
 residual ``+``, ``torch.cat``, ``F.relu``, ``torch.flatten``) are seen as well as
-modules. BatchNorm is folded into the preceding convolution (what deployed
-hardware does). Then:
+modules. BatchNorm is folded into the preceding convolution (``fold``, what
+deployed hardware does) or kept as a per-channel multiply-add (``keep``, a
+depthwise 1x1 convolution with quantized constants). Then every arithmetic
+operation becomes a ``FixedOp`` (see ``ops``), an input register goes on the
+network input and a ``Dequantize`` on its output. Operations that are exact on
+the grid (ReLU, max-pooling, flatten, dropout in eval) stay as they are and
+run on integer codes.
 
-- a register (an ``ActivationQuantizer``) is inserted on the network input and
-  after every arithmetic operation (conv, linear, add, average pooling,
-  concatenation); operations that are exact on the grid (ReLU, max-pool,
-  flatten, dropout in eval) get none;
-- each register observes its largest magnitude on calibration images, and its
-  fractional length for ``fwd_bits`` follows from that;
-- then every weight and bias is rounded to ``param_bits`` with its own
-  per-tensor fractional length (the largest that holds its max magnitude).
-
-Operations the builder does not know raise an error rather than silently run
-in float.
+``calibrate`` runs the float network on calibration images, records the
+largest magnitude at every register, and fixes every format: activations get
+``fwd_bits`` with the largest F that holds that magnitude; weights and biases
+get ``param_bits`` with the largest F that holds their own. Operations the
+builder does not know raise an error rather than silently run in float.
 """
 
 from __future__ import annotations
@@ -33,109 +32,54 @@ from torch.fx.experimental.optimization import fuse
 
 from fxpsweep.calibration import frac_bits_for_max, max_abs
 from fxpsweep.errors import ConfigError
-from fxpsweep.fixedpoint import QFormat, check_bits, quantize
+from fxpsweep.fixedpoint import QFormat
+from fxpsweep.ops import Dequantize, FixedAdd, FixedAvgPool, FixedCat, FixedClamp, FixedDot, FixedInput, FixedOp
+from fxpsweep.settings import QuantSettings
 
-# Operations whose output leaves an adder or multiplier: a rounding point.
-ARITHMETIC_MODULES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-ARITHMETIC_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, F.adaptive_avg_pool2d, F.avg_pool2d}
-ARITHMETIC_METHODS = {"add", "add_", "mean"}
-# Operations that map grid values to grid values: no rounding needed.
-EXACT_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
-EXACT_FUNCTIONS = {F.relu, torch.relu, torch.flatten, F.max_pool2d, F.dropout, getattr}
-EXACT_METHODS = {"relu", "relu_", "view", "reshape", "flatten", "size", "contiguous"}
-
-# Parameters that are rounded to param_bits.
-WEIGHTED_MODULES = (nn.Conv1d, nn.Conv2d, nn.Linear)
-
-
-@dataclass(frozen=True)
-class QuantSettings:
-    """Word lengths and rules for a whole network.
-
-    ``param_bits``: bits of every weight and bias word. ``fwd_bits``: bits of
-    every activation word (network input included). Both count the sign bit.
-    """
-
-    param_bits: int
-    fwd_bits: int
-    rounding: str = "nearest_even"
-    overflow: str = "saturate"
-
-    def __post_init__(self) -> None:
-        check_bits(self.param_bits, "param_bits")
-        check_bits(self.fwd_bits, "fwd_bits")
-        QFormat(self.fwd_bits, 0, self.rounding, self.overflow)  # validates the rule names
-
-
-class ActivationQuantizer(nn.Module):
-    """A register of the datapath.
-
-    Before ``set_format`` it passes values through and records the largest
-    magnitude seen (calibration); afterwards it rounds and overflows its input
-    into its ``Q(W, F)`` format.
-    """
-
-    def __init__(self, name: str, kind: str) -> None:
-        super().__init__()
-        self.name = name
-        self.kind = kind
-        self.observed_max_abs = 0.0
-        self.fmt: QFormat | None = None
-
-    def set_format(self, fmt: QFormat) -> None:
-        self.fmt = fmt
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fmt is None:
-            self.observed_max_abs = max(self.observed_max_abs, max_abs(x))
-            return x
-        fmt = self.fmt
-        return quantize(x, fmt.total_bits, fmt.frac_bits, fmt.rounding, fmt.overflow).to(x.dtype)
+# Operations that map grid values to grid values: they run on codes unchanged.
+EXACT_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+EXACT_FUNCTIONS = {F.relu, torch.relu, torch.flatten, F.max_pool2d, F.dropout}
+EXACT_METHODS = {"relu", "relu_", "view", "reshape", "flatten", "contiguous"}
+# Operations whose result is not a tensor of values (shapes): no format.
+SHAPE_FUNCTIONS = {getattr}
+SHAPE_METHODS = {"size", "dim"}
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 
 
 @dataclass(frozen=True)
 class TensorFormat:
-    """The format of one quantized tensor, as reported beside a job's result."""
+    """The format of one quantized tensor, as reported beside a job's result.
+
+    ``overflows`` / ``values``: how many values saturated or wrapped, out of
+    how many, since calibration (on the evaluation images in a job).
+    """
 
     layer: str
-    kind: str  # input | weight | bias | activation
+    kind: str  # input | weight | bias | activation | accumulator | product
     total_bits: int
     frac_bits: int
     rounding: str
     overflow: str
+    overflows: int | None = None
+    values: int | None = None
 
 
-def _classify(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
-    """'arithmetic', 'exact' or 'other' (placeholders, outputs, constants)."""
-    if node.op == "call_module":
-        module = modules[node.target]
-        if isinstance(module, ARITHMETIC_MODULES):
-            return "arithmetic"
-        if isinstance(module, EXACT_MODULES):
-            return "exact"
-        raise ConfigError(
-            f"layer {node.target!r} is a {type(module).__name__}, which fxpsweep cannot simulate in fixed point yet; "
-            f"supported modules: {', '.join(m.__name__ for m in ARITHMETIC_MODULES + EXACT_MODULES)}"
-        )
-    if node.op == "call_function":
-        if node.target in ARITHMETIC_FUNCTIONS:
-            return "arithmetic"
-        if node.target in EXACT_FUNCTIONS:
-            return "exact"
-        raise ConfigError(f"operation {node.target} at {node.name!r} cannot be simulated in fixed point yet")
-    if node.op == "call_method":
-        if node.target in ARITHMETIC_METHODS:
-            return "arithmetic"
-        if node.target in EXACT_METHODS:
-            return "exact"
-        raise ConfigError(f"method .{node.target}() at {node.name!r} cannot be simulated in fixed point yet")
-    return "other"
+def batchnorm_as_conv(bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """The eval-mode BatchNorm as the per-channel multiply-add it is: a depthwise 1x1 conv."""
+    conv = nn.Conv2d(bn.num_features, bn.num_features, 1, groups=bn.num_features, bias=True)
+    scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+    shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * scale
+    with torch.no_grad():
+        conv.weight.copy_(scale.reshape(-1, 1, 1, 1))
+        conv.bias.copy_(shift)
+    return conv
 
 
-def _trace_and_fold(model: nn.Module) -> torch.fx.GraphModule:
-    """A traced copy of ``model`` in eval mode with BatchNorm folded into convolutions."""
+def _trace(model: nn.Module, batchnorm: str) -> torch.fx.GraphModule:
+    """A traced eval-mode copy of ``model``, BatchNorm folded (``fold``) where a conv precedes it."""
+    model = copy.deepcopy(model).eval()
     try:
-        return fuse(copy.deepcopy(model).eval())
+        return fuse(model) if batchnorm == "fold" else torch.fx.symbolic_trace(model)
     except Exception as err:  # fx raises many types; the user needs to know tracing failed
         raise ConfigError(
             f"{type(model).__name__} cannot be traced by torch.fx ({type(err).__name__}: {err}); "
@@ -143,45 +87,60 @@ def _trace_and_fold(model: nn.Module) -> torch.fx.GraphModule:
         ) from err
 
 
-def _insert_quantizers(gm: torch.fx.GraphModule) -> list[ActivationQuantizer]:
-    """Put a register after the input and after every arithmetic node of ``gm``'s graph."""
-    modules = dict(gm.named_modules())
-    quantizers: list[ActivationQuantizer] = []
-    for node in list(gm.graph.nodes):
-        kind = _classify(node, modules)
-        if node.op == "placeholder":
-            kind, label = "input", node.name
-        elif kind == "arithmetic":
-            kind, label = "activation", str(node.target) if node.op == "call_module" else node.name
-        else:
-            continue
-        quantizer = ActivationQuantizer(label, kind)
-        attr = f"fxq_{len(quantizers)}"
-        gm.add_submodule(attr, quantizer)
-        with gm.graph.inserting_after(node):
-            q_node = gm.graph.call_module(attr, (node,))
-        node.replace_all_uses_with(q_node, delete_user_cb=lambda user: user is not q_node)
-        quantizers.append(quantizer)
-    gm.graph.lint()
-    gm.recompile()
-    return quantizers
+def _fixed_op_for(node: torch.fx.Node, modules: dict[str, nn.Module]) -> FixedOp | None:
+    """The FixedOp replacing ``node``, None for an exact or shape operation; ConfigError if unknown."""
+    name = str(node.target) if node.op == "call_module" else node.name
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            return FixedDot(name, m)
+        if isinstance(m, nn.BatchNorm2d):
+            return FixedDot(name, batchnorm_as_conv(m))
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            return FixedAvgPool(name, output_size=m.output_size)
+        if isinstance(m, nn.AvgPool2d):
+            return FixedAvgPool(
+                name, kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
+                ceil_mode=m.ceil_mode, count_include_pad=m.count_include_pad,
+            )
+        if isinstance(m, (nn.ReLU6, nn.Hardtanh)):
+            return FixedClamp(name, m.min_val, m.max_val, m)
+        if isinstance(m, EXACT_MODULES):
+            return None
+        raise ConfigError(
+            f"layer {node.target!r} is a {type(m).__name__}, which fxpsweep cannot simulate in fixed point yet; "
+            "supported: Conv2d, Linear, BatchNorm2d, AvgPool2d, AdaptiveAvgPool2d, ReLU, ReLU6, Hardtanh, "
+            "MaxPool2d, Flatten, Dropout, Identity, and the functions +, torch.cat, F.relu, torch.flatten"
+        )
+    if node.op == "call_function":
+        kwargs = node.kwargs
+        if node.target in ADD_FUNCTIONS and len(node.args) == 2 and not kwargs:
+            if all(isinstance(a, torch.fx.Node) for a in node.args):
+                return FixedAdd(name)
+        elif node.target is torch.cat:
+            dim = node.args[1] if len(node.args) > 1 else kwargs.get("dim", 0)
+            return FixedCat(name, dim)
+        elif node.target is F.adaptive_avg_pool2d:
+            return FixedAvgPool(name, output_size=node.args[1] if len(node.args) > 1 else kwargs["output_size"])
+        elif node.target in (F.relu6,):
+            return FixedClamp(name, 0.0, 6.0, F.relu6)
+        elif node.target in EXACT_FUNCTIONS or node.target in SHAPE_FUNCTIONS:
+            return None
+        raise ConfigError(f"operation {getattr(node.target, '__name__', node.target)} at {node.name!r} cannot be simulated in fixed point yet")
+    if node.op == "call_method":
+        if node.target in ("add", "add_") and len(node.args) == 2 and isinstance(node.args[1], torch.fx.Node):
+            return FixedAdd(name)
+        if node.target in EXACT_METHODS or node.target in SHAPE_METHODS:
+            return None
+        raise ConfigError(f"method .{node.target}() at {node.name!r} cannot be simulated in fixed point yet")
+    return None
 
 
-def _quantize_parameters(gm: torch.fx.GraphModule, settings: QuantSettings) -> list[TensorFormat]:
-    """Round every weight and bias in place to ``param_bits``, per tensor; return their formats."""
-    formats = []
-    for name, module in gm.named_modules():
-        if not isinstance(module, WEIGHTED_MODULES):
-            continue
-        for kind in ("weight", "bias"):
-            param = getattr(module, kind)
-            if param is None:
-                continue
-            frac_bits = frac_bits_for_max(max_abs(param), settings.param_bits)
-            with torch.no_grad():
-                param.copy_(quantize(param, settings.param_bits, frac_bits, settings.rounding, settings.overflow))
-            formats.append(TensorFormat(name, kind, settings.param_bits, frac_bits, settings.rounding, settings.overflow))
-    return formats
+def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes whose values ``node`` consumes, in order (a torch.cat's list flattened)."""
+    found: list[torch.fx.Node] = []
+    torch.fx.node.map_arg(node.args, found.append)
+    return found
 
 
 class QuantizedNetwork(nn.Module):
@@ -190,19 +149,56 @@ class QuantizedNetwork(nn.Module):
     def __init__(self, model: nn.Module, settings: QuantSettings) -> None:
         super().__init__()
         self.settings = settings
-        self.graph_module = _trace_and_fold(model)
-        self.quantizers = _insert_quantizers(self.graph_module)
-        self.param_formats: list[TensorFormat] = []
+        gm = _trace(model, settings.batchnorm)
+        modules = dict(gm.named_modules())
+        self.ops: list[FixedOp] = []
+        self.op_nodes: dict[str, str] = {}  # graph node name -> attribute of its FixedOp
+        graph = gm.graph
+        for node in list(graph.nodes):
+            if node.op == "placeholder":
+                op = FixedInput(node.name)
+                attr = self._add(gm, op)
+                with graph.inserting_after(node):
+                    q_node = graph.call_module(attr, (node,))
+                node.replace_all_uses_with(q_node, delete_user_cb=lambda user, q=q_node: user is not q)
+            elif node.op == "output":
+                self.dequantize = Dequantize()
+                gm.add_submodule("fxp_dequantize", self.dequantize)
+                (result,) = node.args
+                with graph.inserting_before(node):
+                    out_node = graph.call_module("fxp_dequantize", (result,))
+                node.args = (out_node,)
+            else:
+                op = _fixed_op_for(node, modules)
+                if op is None:
+                    continue
+                attr = self._add(gm, op)
+                with graph.inserting_before(node):
+                    new = graph.call_module(attr, tuple(_tensor_inputs(node)))
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+                self.op_nodes[new.name] = attr
+        graph.eliminate_dead_code()
+        graph.lint()
+        gm.recompile()
+        self.graph_module = gm
+        self.calibrated = False
+
+    def _add(self, gm: torch.fx.GraphModule, op: FixedOp) -> str:
+        attr = f"fxp_{len(self.ops)}"
+        gm.add_submodule(attr, op)
+        self.ops.append(op)
+        return attr
 
     @torch.no_grad()
     def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
-        """Observe activation ranges on calibration batches, then fix every register's format.
+        """Observe ranges on calibration batches with float arithmetic, then fix every format.
 
         Ranges are observed on the float network (weights not yet rounded), so
         they depend only on the model and the calibration images, not on any
-        word length; the weights are rounded afterwards.
+        word length.
         """
-        if self.param_formats:
+        if self.calibrated:
             raise RuntimeError("a QuantizedNetwork is calibrated once; build a new one for new images")
         seen = 0
         for x in batches:
@@ -210,21 +206,56 @@ class QuantizedNetwork(nn.Module):
             seen += len(x)
         if seen == 0:
             raise ConfigError("calibration needs at least one image; set n_samples >= 1")
+        self._finalize()
+        self.calibrated = True
+
+    def _finalize(self) -> None:
         s = self.settings
-        for q in self.quantizers:
-            q.set_format(QFormat(s.fwd_bits, frac_bits_for_max(q.observed_max_abs, s.fwd_bits), s.rounding, s.overflow))
-        self.param_formats = _quantize_parameters(self.graph_module, s)
+        modules = dict(self.graph_module.named_modules())
+        formats: dict[str, QFormat] = {}  # node name -> format of the codes it holds
+
+        def fmt_of(node: torch.fx.Node) -> QFormat:
+            while node.name not in formats:  # exact operations pass their input's format through
+                node = _tensor_inputs(node)[0]
+            return formats[node.name]
+
+        for node in self.graph_module.graph.nodes:
+            if node.op != "call_module":
+                continue
+            op = modules[node.target]
+            if isinstance(op, Dequantize):
+                op.fmt = fmt_of(node.args[0])
+                continue
+            if not isinstance(op, FixedOp):
+                continue
+            in_fmts = [fmt_of(n) for n in _tensor_inputs(node) if not isinstance(op, FixedInput)]
+            if isinstance(op, FixedClamp):
+                out_fmt = in_fmts[0]
+            else:
+                out_fmt = s.activation_format(frac_bits_for_max(op.observed_max_abs, s.fwd_bits))
+            if isinstance(op, FixedDot):
+                weight_fmt = s.parameter_format(frac_bits_for_max(max_abs(op.module.weight), s.param_bits))
+                bias = op.module.bias
+                bias_fmt = s.parameter_format(frac_bits_for_max(max_abs(bias), s.param_bits)) if bias is not None else None
+                op.set_parameter_formats([weight_fmt] * op.module.weight.shape[0], bias_fmt)
+            op.finalize(out_fmt, in_fmts, s, self.ops.index(op))
+            formats[node.name] = out_fmt
 
     def formats(self) -> list[TensorFormat]:
-        """Format of every quantized tensor: inputs, weights, biases, activations."""
-        acts = [
-            TensorFormat(q.name, q.kind, q.fmt.total_bits, q.fmt.frac_bits, q.fmt.rounding, q.fmt.overflow)
-            for q in self.quantizers
-            if q.fmt is not None
-        ]
-        return acts[:1] + self.param_formats + acts[1:]
+        """Format of every quantized tensor, with overflow counts since calibration."""
+        rows = []
+        for op in self.ops:
+            if op.out_fmt is None:
+                continue
+            f = op.out_fmt
+            rows.append(TensorFormat(op.name, op.kind, f.total_bits, f.frac_bits, f.rounding, f.overflow, op.overflows, op.values))
+            for kind, fmt, overflows, values in op.extra_formats():
+                if fmt is not None:
+                    rows.append(TensorFormat(op.name, kind, fmt.total_bits, fmt.frac_bits, fmt.rounding, fmt.overflow, overflows, values))
+        return rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if any(q.fmt is None for q in self.quantizers):
+        """Logits (real values ``k * 2**-F``) of the fixed-point network for a float input batch."""
+        if not self.calibrated:
             raise RuntimeError("QuantizedNetwork.calibrate() must run before inference")
         return self.graph_module(x)

@@ -8,9 +8,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where engine tests run: cpu, or FXPSWEEP_TEST_DEVICE=cuda on a GPU machine (TF32 off)."""
+    name = os.environ.get("FXPSWEEP_TEST_DEVICE", "cpu")
+    if name == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return torch.device(name)
 
 
 @pytest.fixture(scope="session")

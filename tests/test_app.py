@@ -80,6 +80,28 @@ def test_single_run_prints_its_table(run_app, tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
+    "args",
+    [
+        ["arithmetic=fast"],
+        ["acc_bits=20", "acc_overflow=saturate", "product_bits=12", "rounding=floor", "eval_limit=40"],
+        ["batchnorm=keep", "overflow=wrap", "rounding=stochastic"],
+    ],
+    ids=["fast", "narrow-accumulator", "batchnorm-kept"],
+)
+def test_datapath_options_run_and_are_recorded(run_app, tmp_path, args: list[str]) -> None:
+    proc = run_app("bits=10", *args, f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "result.json").read_text())
+    for arg in args:
+        key, value = arg.split("=")
+        assert str(result["config"][key]) == value
+    assert result["quant_top1"] > 90.0  # 10 bits barely dent the digits model
+    kinds = {f["kind"] for f in json.loads((tmp_path / "formats.json").read_text())}
+    if "acc_bits=20" in args:
+        assert {"accumulator", "product"} <= kinds
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (["model=vgg99"], "Could not find 'model/vgg99'"),
@@ -88,7 +110,11 @@ def test_single_run_prints_its_table(run_app, tmp_path) -> None:
         (["bits=8.5"], "bits=8.5 is not a whole number"),
         (["bits=eight"], "bits='eight' is not a whole number"),
         (["fwd_bits=40"], "fwd_bits=40 is impossible"),
-        (["rounding=round"], "allowed: nearest_even"),
+        (["rounding=round"], "rounding='round' is unknown; allowed: nearest_even"),
+        (["overflow=clip"], "overflow='clip' is unknown; allowed: saturate, wrap"),
+        (["acc_overflow=clip"], "acc_overflow='clip' is unknown; allowed: saturate, wrap"),
+        (["acc_bits=40"], "acc_bits=40 is impossible"),
+        (["arithmetic=quick"], "arithmetic='quick' is unknown; allowed: exact, fast"),
         (["model=resnet50", "dataset=imagenet"], "dataset=imagenet needs dataset.root"),
         (["model=resnet50", "dataset=imagenet", "dataset.root=/no/such/dir"], "dataset.root=/no/such/dir does not exist"),
         (["model=alexnet"], "model=alexnet classifies imagenet images"),

@@ -1,0 +1,63 @@
+"""What a whole network is simulated with: word lengths, rounding, overflow and arithmetic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fxpsweep.errors import ConfigError
+from fxpsweep.fixedpoint import OVERFLOW_MODES, ROUNDING_MODES, QFormat, check_bits
+
+ARITHMETIC_MODES = ("exact", "fast")
+BATCHNORM_MODES = ("fold", "keep")
+
+
+def _check_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is unknown; allowed: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """One network's fixed-point configuration; every word length counts the sign bit.
+
+    ``param_bits``: weights and biases. ``fwd_bits``: activations (network
+    input included). ``rounding`` / ``overflow``: the rule at every rounding
+    point. ``acc_bits``: the conv/linear accumulator word (None: exact, as
+    wide as needed) with ``acc_overflow`` ``wrap`` or ``saturate`` (after every
+    add, in the order ``fxpsweep.kernels`` states). ``product_bits``: round every
+    product into a word of this many bits before it is summed (None: exact).
+    ``batchnorm``: ``fold`` into the preceding conv, or ``keep`` as a quantized
+    per-channel multiply-add. ``arithmetic``: ``exact`` (bit-exact) or ``fast``
+    (float32 throughout, inexact where partial sums pass 2**24). ``seed``:
+    seeds stochastic rounding.
+    """
+
+    param_bits: int
+    fwd_bits: int
+    rounding: str = "nearest_even"
+    overflow: str = "saturate"
+    acc_bits: int | None = None
+    acc_overflow: str = "wrap"
+    product_bits: int | None = None
+    batchnorm: str = "fold"
+    arithmetic: str = "exact"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_bits(self.param_bits, "param_bits")
+        check_bits(self.fwd_bits, "fwd_bits")
+        _check_choice("rounding", self.rounding, ROUNDING_MODES)
+        _check_choice("overflow", self.overflow, OVERFLOW_MODES)
+        _check_choice("acc_overflow", self.acc_overflow, OVERFLOW_MODES)
+        if self.acc_bits is not None:
+            check_bits(self.acc_bits, "acc_bits")
+        if self.product_bits is not None:
+            check_bits(self.product_bits, "product_bits")
+        _check_choice("batchnorm", self.batchnorm, BATCHNORM_MODES)
+        _check_choice("arithmetic", self.arithmetic, ARITHMETIC_MODES)
+
+    def activation_format(self, frac_bits: int) -> QFormat:
+        return QFormat(self.fwd_bits, frac_bits, self.rounding, self.overflow)
+
+    def parameter_format(self, frac_bits: int) -> QFormat:
+        return QFormat(self.param_bits, frac_bits, self.rounding, self.overflow)

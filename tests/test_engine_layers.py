@@ -1,0 +1,139 @@
+"""Each fixed-point operation against the independent integer reference, on random layers and formats."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import integer_reference as ref
+from fxpsweep.fixedpoint import QFormat
+from fxpsweep.ops import FixedAdd, FixedAvgPool, FixedCat, FixedDot
+from fxpsweep.settings import QuantSettings
+
+ROUNDINGS = ["nearest_even", "nearest_up", "nearest_away", "floor", "toward_zero"]
+KERNELS_SEEN: set[str] = set()
+
+
+def random_codes(rng: np.random.Generator, shape, bits: int) -> np.ndarray:
+    return rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), size=shape, dtype=np.int64)
+
+
+def as_real(codes: np.ndarray, frac_bits: int) -> torch.Tensor:
+    return torch.tensor(codes, dtype=torch.float64).mul(2.0**-frac_bits).float()
+
+
+def run_op(op, device, settings: QuantSettings, out_fmt: QFormat, in_fmts: list[QFormat], *inputs: np.ndarray) -> np.ndarray:
+    op.to(device).finalize(out_fmt, in_fmts, settings, 0)
+    with torch.no_grad():
+        out = op(*[torch.tensor(x, dtype=torch.float64, device=device) for x in inputs])
+    assert torch.equal(out, out.round())
+    return out.cpu().to(torch.int64).numpy()
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_conv_and_linear_codes_equal_the_reference(seed: int, device) -> None:
+    py, rng = random.Random(seed), np.random.default_rng(seed)
+    rounding, overflow = py.choice(ROUNDINGS), py.choice(["saturate", "wrap"])
+    wa, ww, wb, wo = (py.randint(4, 16) for _ in range(4))
+    fa, fw, fb, fo = (py.randint(-3, 12) for _ in range(4))
+    linear = py.random() < 0.2
+    acc = py.choice([None, None, (py.randint(12, 28), "wrap"), (py.randint(12, 28), "saturate")])
+    product_bits = py.choice([None, None, None, py.randint(6, 20)])
+    if linear:
+        groups, k, stride, padding, dilation = 1, 1, 1, 0, 1
+        cin, cout = py.randint(1, 40), py.randint(1, 12)
+        x = random_codes(rng, (3, cin), wa)
+        module = nn.Linear(cin, cout, bias=py.random() < 0.7)
+    else:
+        groups = py.choice([1, 1, 2, "depthwise"])
+        cin = py.choice([2, 4, 6]) if groups != "depthwise" else py.randint(1, 6)
+        groups = cin if groups == "depthwise" else groups
+        cout = groups * py.randint(1, 3)
+        k, stride, padding, dilation = py.choice([1, 3]), py.choice([1, 2]), py.choice([0, 1]), py.choice([1, 2])
+        size = py.randint(5, 9)
+        x = random_codes(rng, (2, cin, size, size), wa)
+        module = nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias=py.random() < 0.7)
+    w = random_codes(rng, module.weight.shape, ww)
+    b = random_codes(rng, (cout,), wb) if module.bias is not None else None
+    with torch.no_grad():
+        module.weight.copy_(as_real(w, fw))
+        if b is not None:
+            module.bias.copy_(as_real(b, fb))
+
+    settings = QuantSettings(
+        param_bits=ww, fwd_bits=wo, rounding=rounding, overflow=overflow,
+        acc_bits=acc[0] if acc else None, acc_overflow=acc[1] if acc else "wrap", product_bits=product_bits,
+    )
+    op = FixedDot("layer", module)
+    op.set_parameter_formats([QFormat(ww, fw, rounding, overflow)] * cout, QFormat(wb, fb, rounding, overflow) if b is not None else None)
+    in_fmt, out_fmt = QFormat(wa, fa, rounding, overflow), QFormat(wo, fo, rounding, overflow)
+    got = run_op(op, device, settings, out_fmt, [in_fmt], x)
+    KERNELS_SEEN.add(op.kernel)
+
+    drop = max(0, wa + ww - 1 - product_bits) if product_bits else 0
+    product = (product_bits, -drop, rounding) if product_bits else None
+    if linear:
+        acc_codes = ref.linear_acc(x, w, product, acc)
+    else:
+        acc_codes = ref.conv2d_acc(x, w, stride, padding, dilation, groups, product, acc)
+    acc_frac = fa + fw - drop
+    view = (1, cout) if linear else (1, cout, 1, 1)
+    if b is not None:
+        sum_frac = max(acc_frac, fb)
+        total = acc_codes * (1 << (sum_frac - acc_frac)) + (b * (1 << (sum_frac - fb))).reshape(view)
+    else:
+        sum_frac, total = acc_frac, acc_codes
+    expected = ref.requantize_array(total, sum_frac, wo, fo, rounding, overflow)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_every_exact_kernel_was_exercised(device) -> None:
+    # Runs after the parametrized cases above (pytest keeps file order).
+    expected = {"float32", "float64", "sequential"} | ({"int8"} if device.type == "cpu" else set())
+    assert KERNELS_SEEN >= expected
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_avg_pool_codes_equal_the_reference(seed: int, device) -> None:
+    py, rng = random.Random(seed), np.random.default_rng(seed)
+    rounding, overflow = py.choice(ROUNDINGS), py.choice(["saturate", "wrap"])
+    wa, wo, fa, fo = py.randint(4, 16), py.randint(4, 16), py.randint(-3, 10), py.randint(-3, 10)
+    h, w = py.randint(3, 9), py.randint(3, 9)
+    x = random_codes(rng, (2, 3, h, w), wa)
+    if py.random() < 0.5:
+        out_size = (py.randint(1, h), py.randint(1, w))
+        op = FixedAvgPool("pool", output_size=out_size)
+        rows, cols = ref.adaptive_windows(h, out_size[0]), ref.adaptive_windows(w, out_size[1])
+    else:
+        k = py.randint(2, 3)
+        s, p = py.randint(1, 2), py.randint(0, k // 2)
+        ceil_mode, include = py.random() < 0.5, py.random() < 0.5
+        op = FixedAvgPool("pool", kernel_size=k, stride=s, padding=p, ceil_mode=ceil_mode, count_include_pad=include)
+        rows = ref.pool_windows(h, k, s, p, ceil_mode, include)
+        cols = ref.pool_windows(w, k, s, p, ceil_mode, include)
+    settings = QuantSettings(param_bits=8, fwd_bits=wo, rounding=rounding, overflow=overflow)
+    got = run_op(op, device, settings, QFormat(wo, fo, rounding, overflow), [QFormat(wa, fa, rounding, overflow)], x)
+    np.testing.assert_array_equal(got, ref.avg_pool(x, rows, cols, fa, wo, fo, rounding, overflow))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_add_and_concat_codes_equal_the_reference(seed: int, device) -> None:
+    py, rng = random.Random(seed), np.random.default_rng(seed)
+    rounding, overflow = py.choice(ROUNDINGS), py.choice(["saturate", "wrap"])
+    wa, wb, wo = py.randint(4, 16), py.randint(4, 16), py.randint(4, 16)
+    fa, fb, fo = py.randint(-3, 12), py.randint(-3, 12), py.randint(-3, 12)
+    a, b = random_codes(rng, (2, 3, 4, 4), wa), random_codes(rng, (2, 3, 4, 4), wb)
+    settings = QuantSettings(param_bits=8, fwd_bits=wo, rounding=rounding, overflow=overflow)
+    fmts = [QFormat(wa, fa, rounding, overflow), QFormat(wb, fb, rounding, overflow)]
+    out_fmt = QFormat(wo, fo, rounding, overflow)
+    got = run_op(FixedAdd("add"), device, settings, out_fmt, fmts, a, b)
+    np.testing.assert_array_equal(got, ref.add(a, fa, b, fb, wo, fo, rounding, overflow))
+    got = run_op(FixedCat("cat", 1), device, settings, out_fmt, fmts, a, b)
+    expected = np.concatenate(
+        [ref.requantize_array(a, fa, wo, fo, rounding, overflow), ref.requantize_array(b, fb, wo, fo, rounding, overflow)], axis=1
+    )
+    np.testing.assert_array_equal(got, expected)
