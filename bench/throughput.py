@@ -2,10 +2,11 @@
 
     python bench/throughput.py [--models alexnet resnet18 mobilenet_v2] [--batch 32] [--threads 2]
 
-Every configuration runs in this one process on the same input batch:
-float32 first (as torchvision ships the model, and with BatchNorm folded into
-the convolutions, usually faster), then each simulation; the ratio is the
-simulation's images/s over the faster float32 figure. Random weights with
+Every configuration runs in this one process on the same input batch, in
+rounds that time each configuration once in turn (best round counts): float32
+as torchvision ships the model, float32 with BatchNorm folded into the
+convolutions, then each simulation; the ratio is images/s over the faster
+float32 figure. Random weights with
 randomized BatchNorm statistics (pretrained weights shift which layers fit the
 float32-exact bound).
 """
@@ -38,19 +39,26 @@ def random_model(arch: str) -> nn.Module:
 
 
 @torch.no_grad()
-def images_per_second(model: nn.Module, batch: torch.Tensor, repeats: int) -> float:
-    """Best of ``repeats`` timed batches after one warm-up batch (the least disturbed run)."""
+def seconds_per_batch(model: nn.Module, batch: torch.Tensor) -> float:
+    if batch.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
     model(batch)
-    best = float("inf")
-    for _ in range(repeats):
-        if batch.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(batch)
-        if batch.is_cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return len(batch) / best
+    if batch.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def best_images_per_second(models: dict[str, nn.Module], batch: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Images/s of each model, best of ``rounds``; each round times every model once, in turn,
+    so that a disturbance of the machine hits all configurations alike."""
+    for model in models.values():
+        seconds_per_batch(model, batch)  # warm-up
+    best = dict.fromkeys(models, float("inf"))
+    for _ in range(rounds):
+        for name, model in models.items():
+            best[name] = min(best[name], seconds_per_batch(model, batch))
+    return {name: len(batch) / t for name, t in best.items()}
 
 
 def main() -> None:
@@ -58,7 +66,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["alexnet", "resnet18", "mobilenet_v2"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; each times every configuration once")
     parser.add_argument("--bits", nargs="+", type=int, default=[8, 16])
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -67,25 +75,26 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device(args.device)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, device {device}, "
-          f"{args.threads} threads, batch {args.batch}, best of {args.repeats} timed batches after one warm-up\n")
+          f"{args.threads} threads, batch {args.batch}, best of {args.repeats} rounds, each timing every configuration once after a warm-up\n")
     print("| model | config | images/s | x float32 | conv/linear kernels |")
     print("|---|---|---:|---:|---|")
     for arch in args.models:
         model = random_model(arch).to(device)
         batch = torch.randn(args.batch, 3, 224, 224, device=device)
-        shipped = images_per_second(model, batch, args.repeats)
-        folded = images_per_second(fuse(model), batch, args.repeats)
-        base = max(shipped, folded)
-        print(f"| {arch} | float32 | {shipped:.1f} | {shipped / base:.2f} | |", flush=True)
-        print(f"| {arch} | float32, BatchNorm folded | {folded:.1f} | {folded / base:.2f} | |", flush=True)
+        configs: dict[str, nn.Module] = {"float32": model, "float32, BatchNorm folded": fuse(model)}
+        kernels: dict[str, str] = {}
         for bits in args.bits:
             for arithmetic in ("exact", "fast"):
                 net = QuantizedNetwork(model, QuantSettings(param_bits=bits, fwd_bits=bits, arithmetic=arithmetic)).to(device)
                 net.calibrate([batch[:4]])
-                speed = images_per_second(net, batch, args.repeats)
-                kernels = Counter(op.kernel for op in net.ops if isinstance(op, FixedDot))
-                mix = ", ".join(f"{k} {n}" for k, n in sorted(kernels.items()))
-                print(f"| {arch} | {bits}-bit {arithmetic} | {speed:.1f} | {speed / base:.2f} | {mix} |", flush=True)
+                name = f"{bits}-bit {arithmetic}"
+                configs[name] = net
+                mix = Counter(op.kernel for op in net.ops if isinstance(op, FixedDot))
+                kernels[name] = ", ".join(f"{k} {n}" for k, n in sorted(mix.items()))
+        speed = best_images_per_second(configs, batch, args.repeats)
+        base = max(speed["float32"], speed["float32, BatchNorm folded"])
+        for name, value in speed.items():
+            print(f"| {arch} | {name} | {value:.1f} | {value / base:.2f} | {kernels.get(name, '')} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@
 Reads every ``result.json`` below the given folders; where one configuration
 ran more than once, the latest result counts. One row per model and dataset,
 one column per bit-width (``w8a10`` where weights and activations differ) plus
-a ``float`` column; cells are ``top1/top5`` in percent.
+a ``float`` column; cells are ``top1/top5`` in percent. Where the results
+differ in a datapath or calibration setting (``SETTINGS``), that setting
+becomes part of the row.
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ from fxpsweep.job import RESULT_FILE
 from fxpsweep.storage import atomic_write_text
 
 TABLE_STEM = "bits_vs_accuracy"
+# Datapath and calibration settings: where a sweep varies one, the table gets a row per value.
+SETTINGS = [
+    "bias_bits", "rounding", "overflow", "arithmetic", "acc_bits", "acc_overflow", "product_bits", "batchnorm",
+    "act_calibration", "weight_calibration", "weight_granularity", "overflow_rate", "n_samples", "seed",
+]
 # What makes two results the same configuration (the later one replaces the earlier).
-CONFIG_KEYS = ["model", "dataset", "param_bits", "fwd_bits", "rounding", "overflow", "n_samples", "n_eval", "seed"]
+CONFIG_KEYS = ["model", "dataset", "param_bits", "fwd_bits", "n_eval", *SETTINGS]
 
 
 def load_results(sweep_dirs: Iterable[str | Path]) -> pd.DataFrame:
@@ -38,7 +45,11 @@ def load_results(sweep_dirs: Iterable[str | Path]) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=CONFIG_KEYS)
     df = pd.DataFrame(rows).sort_values("mtime")
-    return df.drop_duplicates(CONFIG_KEYS, keep="last").reset_index(drop=True)
+    for key in CONFIG_KEYS:  # results written by older versions lack some settings
+        if key not in df:
+            df[key] = None
+    keys = df[CONFIG_KEYS].astype(str)  # None and NaN compare equal as text
+    return df[~keys.duplicated(keep="last")].reset_index(drop=True)
 
 
 def _bits_label(param_bits: int, fwd_bits: int) -> str:
@@ -56,11 +67,17 @@ def accuracy_table(results: pd.DataFrame) -> pd.DataFrame:
     df = results.copy()
     df["column"] = [_bits_label(p, f) for p, f in zip(df.param_bits, df.fwd_bits)]
     df["cell"] = [_cell(a, b) for a, b in zip(df.quant_top1, df.quant_top5)]
-    table = df.pivot_table(index=["model", "dataset"], columns="column", values="cell", aggfunc="last")
+    # A setting splits rows only where it differs between results of the same bit-width
+    # (bias_bits=${param_bits} varies with the column, not between rows).
+    cells = df.assign(**{k: df[k].astype(str) for k in SETTINGS}).groupby(["model", "dataset", "column"])
+    varying = [k for k in SETTINGS if cells[k].nunique().max() > 1]
+    index = ["model", "dataset", *varying]
+    df[varying] = df[varying].astype(str)
+    table = df.pivot_table(index=index, columns="column", values="cell", aggfunc="last")
     # Columns in bit order: plain widths numerically, mixed widths after them.
     columns = sorted(table.columns, key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0, c))
     table = table[columns]
-    floats = df.groupby(["model", "dataset"]).last()
+    floats = df.groupby(index).last()
     table.insert(0, "float", [_cell(a, b) for a, b in zip(floats.float_top1, floats.float_top5)])
     table.insert(0, "images", floats.n_eval.astype(int))
     table.columns.name = None

@@ -133,3 +133,79 @@ def split_imagenet_folder(root: str | None, n_samples: int, eval_limit: int | No
     """ImageNet validation folder (PIL images): a seeded slice of ``n_samples`` calibrates, the rest evaluates."""
     _check_counts(n_samples, eval_limit)
     return _split_held_out(imagenet_folder(root), n_samples, eval_limit, seed)
+
+
+class NpzImages(Dataset):
+    """Images and labels from an ``.npz`` file: ``x`` uint8 ``(N, H, W, 3)`` RGB, ``y`` integer labels.
+
+    Yields ``(PIL image, label)``, for the model's transform.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        import numpy as np
+
+        with np.load(path) as archive:
+            if "x" not in archive or "y" not in archive:
+                raise ConfigError(f"{path} must hold arrays 'x' (N, H, W, 3) uint8 and 'y' labels; it has {list(archive)}")
+            self.images, self.labels = archive["x"], archive["y"].astype("int64")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        return Image.fromarray(self.images[index]), int(self.labels[index])
+
+
+class ImageList(Dataset):
+    """Images listed in a text file, one ``relative/path.JPEG, LABEL`` per line (0-based labels).
+
+    Yields ``(PIL RGB image, label)``, for the model's transform.
+    """
+
+    def __init__(self, root: str | Path, list_file: str) -> None:
+        self.root = Path(root)
+        self.items = []
+        for number, line in enumerate((self.root / list_file).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            name, _, label = line.rpartition(",")
+            if not name:
+                raise ConfigError(f"{self.root / list_file}:{number}: expected 'path, label', got {line!r}")
+            self.items.append((name.strip(), int(label)))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        name, label = self.items[index]
+        with Image.open(self.root / name) as image:
+            return image.convert("RGB"), label
+
+
+def _existing(path: str | None, key: str, what: str) -> Path:
+    if path is None:
+        raise ConfigError(f"{key} is not set; {what}")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"{key}={path} does not exist; {what}")
+    return p
+
+
+def split_npz(path: str | None, n_samples: int, eval_limit: int | None, seed: int) -> DataSplits:
+    """One ``.npz`` split (see NpzImages): a seeded slice of ``n_samples`` calibrates, the rest evaluates."""
+    _check_counts(n_samples, eval_limit)
+    file = _existing(path, "dataset.path", "give an .npz file with arrays x (N, H, W, 3) uint8 and y")
+    return _split_held_out(NpzImages(file), n_samples, eval_limit, seed)
+
+
+def split_image_list(root: str | None, list_file: str, n_samples: int, eval_limit: int | None, seed: int) -> DataSplits:
+    """A folder of images with a list file (see ImageList): a seeded slice calibrates, the rest evaluates."""
+    _check_counts(n_samples, eval_limit)
+    folder = _existing(root, "dataset.root", f"give the folder that holds {list_file} and the images it lists")
+    if not (folder / list_file).is_file():
+        raise ConfigError(f"dataset.root={root} has no {list_file} (lines 'relative/path.JPEG, LABEL')")
+    return _split_held_out(ImageList(folder, list_file), n_samples, eval_limit, seed)

@@ -12,7 +12,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 import fxpsweep
 from fxpsweep.errors import ConfigError
@@ -21,12 +21,15 @@ from fxpsweep.fixedpoint import check_bits
 from fxpsweep.models import PretrainedModel
 from fxpsweep.quantized import QuantizedNetwork
 from fxpsweep.settings import QuantSettings
-from fxpsweep.storage import atomic_write_json
+from fxpsweep.report import layer_sqnr, layer_table
+from fxpsweep.statistics import cached_stats, weights_fingerprint
+from fxpsweep.storage import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 FORMATS_FILE = "formats.json"
+LAYERS_FILE = "layers.md"
 ACC_LINES_FILE = "acc1_acc5.txt"
 
 
@@ -36,6 +39,7 @@ def quant_settings(cfg: DictConfig) -> QuantSettings:
     return QuantSettings(
         param_bits=cfg.param_bits,
         fwd_bits=cfg.fwd_bits,
+        bias_bits=cfg.bias_bits,
         rounding=cfg.rounding,
         overflow=cfg.overflow,
         acc_bits=cfg.acc_bits,
@@ -43,6 +47,10 @@ def quant_settings(cfg: DictConfig) -> QuantSettings:
         product_bits=cfg.product_bits,
         batchnorm=cfg.batchnorm,
         arithmetic=cfg.arithmetic,
+        act_calibration=cfg.calibration.activations,
+        weight_calibration=cfg.calibration.weights,
+        weight_granularity=cfg.calibration.granularity,
+        overflow_rate=cfg.calibration.overflow_rate,
         seed=cfg.seed,
     )
 
@@ -99,10 +107,23 @@ def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str,
 
     float_model = model.module.to(device)
     quant_model = QuantizedNetwork(model.module, settings).to(device)
-    quant_model.calibrate(x.to(device) for x, _ in _loader(splits.calibration, cfg.batch_size, cfg.workers))
-    float_acc, quant_acc = evaluate_pair(
-        float_model, quant_model, _loader(splits.evaluation, cfg.batch_size, cfg.workers), device
-    )
+    # Statistics depend on the model, the calibration images and BatchNorm handling only:
+    # gathered once, reused by every word length (from memory, or from the cache folder).
+    identity = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "weights": weights_fingerprint(model.module),
+        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+        "calibration_images": splits.calibration_source,
+        "batchnorm": settings.batchnorm,
+    }
+    calibration_batches = (x.to(device) for x, _ in _loader(splits.calibration, cfg.batch_size, cfg.workers))
+    stats, stats_source = cached_stats(identity, cfg.cache_dir, lambda: quant_model.observe(calibration_batches, cfg.seed))
+    log.info("calibration statistics: %s", stats_source)
+    quant_model.calibrate(stats)
+    eval_loader = _loader(splits.evaluation, cfg.batch_size, cfg.workers)
+    float_acc, quant_acc = evaluate_pair(float_model, quant_model, eval_loader, device)
+    formats = quant_model.formats()  # overflow counts over the evaluation images, before the report reruns some
+    layers = layer_table(formats, _layer_sqnr(model, settings, quant_model, splits.evaluation, cfg, device))
 
     result = {
         "model": cfg.model.name,
@@ -110,6 +131,7 @@ def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str,
         "bits": cfg.bits,
         "param_bits": settings.param_bits,
         "fwd_bits": settings.fwd_bits,
+        "bias_bits": settings.bias_bits,
         "rounding": settings.rounding,
         "overflow": settings.overflow,
         "arithmetic": settings.arithmetic,
@@ -119,6 +141,11 @@ def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str,
         "batchnorm": settings.batchnorm,
         "n_samples": len(splits.calibration),
         "calibration_images": splits.calibration_source,
+        "calibration_stats": stats_source,
+        "act_calibration": settings.act_calibration,
+        "weight_calibration": settings.weight_calibration,
+        "weight_granularity": settings.weight_granularity,
+        "overflow_rate": settings.overflow_rate,
         "n_eval": float_acc.n_images,
         "float_top1": float_acc.top1,
         "float_top5": float_acc.top5,
@@ -133,11 +160,34 @@ def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str,
         "torch_version": torch.__version__,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    # The formats first, the result last: a result file means the whole job finished.
-    atomic_write_json(output_dir / FORMATS_FILE, [dataclasses.asdict(f) for f in quant_model.formats()])
+    # The formats and report first, the result last: a result file means the whole job finished.
+    atomic_write_json(output_dir / FORMATS_FILE, [dataclasses.asdict(f) for f in formats])
+    atomic_write_text(output_dir / LAYERS_FILE, _layers_markdown(result, layers))
     atomic_write_json(output_dir / RESULT_FILE, result)
     _append_acc_line(acc_lines_dir / ACC_LINES_FILE, result)
     return result
+
+
+def _layer_sqnr(
+    model: PretrainedModel, settings: QuantSettings, quant_model: QuantizedNetwork, images, cfg: DictConfig, device: torch.device
+) -> dict[str, float]:
+    """SQNR per register against float on the first ``report_images`` evaluation images."""
+    float_twin = QuantizedNetwork(model.module, settings).to(device)  # never calibrated: runs in float
+    count = min(cfg.report_images, len(images))
+    batches = (x.to(device) for x, _ in _loader(Subset(images, range(count)), cfg.batch_size, cfg.workers))
+    return layer_sqnr(float_twin, quant_model, batches)
+
+
+def _layers_markdown(result: dict[str, Any], layers) -> str:
+    title = (
+        f"# {result['model']} on {result['dataset']}: {result['param_bits']}-bit weights, "
+        f"{result['fwd_bits']}-bit activations\n\n"
+        f"Top-1/top-5: float {result['float_top1']:.2f}/{result['float_top5']:.2f}, "
+        f"fixed point {result['quant_top1']:.2f}/{result['quant_top5']:.2f} ({result['n_eval']} images). "
+        f"Overflows over all evaluation images; SQNR of each register against float "
+        f"on the first {min(result['config']['report_images'], result['n_eval'])} of them.\n\n"
+    )
+    return title + layers.to_markdown(index=False) + "\n"
 
 
 def _append_acc_line(path: Path, r: dict[str, Any]) -> None:

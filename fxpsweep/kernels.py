@@ -62,8 +62,10 @@ def float_dot(
     if geometry.is_linear:
         return F.linear(codes, weight, bias)
     g = geometry
-    with torch.backends.cudnn.flags(enabled=not (exact and codes.is_cuda)):
-        return F.conv2d(codes, weight, bias, g.stride, g.padding, g.dilation, g.groups)
+    if exact and codes.is_cuda:
+        with torch.backends.cudnn.flags(enabled=False):
+            return F.conv2d(codes, weight, bias, g.stride, g.padding, g.dilation, g.groups)
+    return F.conv2d(codes, weight, bias, g.stride, g.padding, g.dilation, g.groups)
 
 
 def signed_digits(w: torch.Tensor) -> list[torch.Tensor]:

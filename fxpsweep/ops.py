@@ -7,8 +7,8 @@ the formats of its inputs and output and computes its output codes exactly
 (see ``kernels`` for the dot products).
 
 Every operation has two modes. Before ``finalize`` it runs the float
-operation and records the largest magnitude of its output (calibration);
-afterwards it runs the integer datapath.
+operation (and reports its output to a ``StatsObserver`` while calibration
+statistics are gathered); afterwards it runs the integer datapath.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpsweep import kernels
-from fxpsweep.calibration import max_abs
 from fxpsweep.errors import ConfigError
 from fxpsweep.fixedpoint import QFormat, apply_overflow, divide_and_round, quantize_codes, round_and_overflow
 from fxpsweep.settings import QuantSettings
+from fxpsweep.statistics import RELU_SUFFIX, StatsObserver
 
 
 def code_dtype(fmt: QFormat) -> torch.dtype:
@@ -38,17 +38,21 @@ class FixedOp(nn.Module):
     def __init__(self, name: str) -> None:
         super().__init__()
         self.name = name
-        self.observed_max_abs = 0.0
+        self.observer: StatsObserver | None = None  # set while calibration statistics are gathered
+        self.only_relu_reads = False  # every reader of the output is a ReLU (set by the builder)
         self.out_fmt: QFormat | None = None
         self.in_fmts: list[QFormat] = []
-        self.overflows = 0  # values that saturated or wrapped into out_fmt since the last reset
+        self.overflows = 0  # values that saturated or wrapped into out_fmt since finalize
         self.values = 0
         self.generator: torch.Generator | None = None
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.out_fmt is None:
             out = self.float_forward(*inputs)
-            self.observed_max_abs = max(self.observed_max_abs, max_abs(out))
+            if self.observer is not None:
+                self.observer.update(self.name, out)
+                if self.only_relu_reads:
+                    self.observer.update(self.name + RELU_SUFFIX, torch.relu(out))
             return out
         return self.fixed_forward(*inputs)
 

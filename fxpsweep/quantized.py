@@ -10,11 +10,14 @@ network input and a ``Dequantize`` on its output. Operations that are exact on
 the grid (ReLU, max-pooling, flatten, dropout in eval) stay as they are and
 run on integer codes.
 
-``calibrate`` runs the float network on calibration images, records the
-largest magnitude at every register, and fixes every format: activations get
-``fwd_bits`` with the largest F that holds that magnitude; weights and biases
-get ``param_bits`` with the largest F that holds their own. Operations the
-builder does not know raise an error rather than silently run in float.
+``observe`` runs the float network on calibration images and gathers
+statistics at every register (and, for a register read only by a ReLU, of
+what the ReLU passes: with saturation, a negative value that overflows still
+becomes exactly 0, so only the positive range needs holding); ``calibrate``
+turns them into formats:
+activations get ``fwd_bits`` and weights ``param_bits``, each with the F its
+calibration method picks (see ``calibration``). Operations the builder does
+not know raise an error rather than silently run in float.
 """
 
 from __future__ import annotations
@@ -30,15 +33,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from fxpsweep.calibration import frac_bits_for_max, max_abs
+from fxpsweep.calibration import TensorStats, choose_frac_bits, frac_bits_for_max, max_abs, stats_of_values
 from fxpsweep.errors import ConfigError
 from fxpsweep.fixedpoint import QFormat
 from fxpsweep.ops import Dequantize, FixedAdd, FixedAvgPool, FixedCat, FixedClamp, FixedDot, FixedInput, FixedOp
 from fxpsweep.settings import QuantSettings
+from fxpsweep.statistics import RELU_SUFFIX, StatsObserver
 
 # Operations that map grid values to grid values: they run on codes unchanged.
 EXACT_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
-EXACT_FUNCTIONS = {F.relu, torch.relu, torch.flatten, F.max_pool2d, F.dropout}
+EXACT_FUNCTIONS = {F.relu, torch.relu, torch.flatten, F.max_pool2d, F.dropout, operator.getitem}
 EXACT_METHODS = {"relu", "relu_", "view", "reshape", "flatten", "contiguous"}
 # Operations whose result is not a tensor of values (shapes): no format.
 SHAPE_FUNCTIONS = {getattr}
@@ -124,6 +128,11 @@ def _fixed_op_for(node: torch.fx.Node, modules: dict[str, nn.Module]) -> FixedOp
             return FixedAvgPool(name, output_size=node.args[1] if len(node.args) > 1 else kwargs["output_size"])
         elif node.target in (F.relu6,):
             return FixedClamp(name, 0.0, 6.0, F.relu6)
+        elif node.target is F.pad:
+            mode = node.args[2] if len(node.args) > 2 else kwargs.get("mode", "constant")
+            value = node.args[3] if len(node.args) > 3 else kwargs.get("value", None)
+            if mode == "constant" and not value:
+                return None  # zero padding: code 0 in any format
         elif node.target in EXACT_FUNCTIONS or node.target in SHAPE_FUNCTIONS:
             return None
         raise ConfigError(f"operation {getattr(node.target, '__name__', node.target)} at {node.name!r} cannot be simulated in fixed point yet")
@@ -134,6 +143,14 @@ def _fixed_op_for(node: torch.fx.Node, modules: dict[str, nn.Module]) -> FixedOp
             return None
         raise ConfigError(f"method .{node.target}() at {node.name!r} cannot be simulated in fixed point yet")
     return None
+
+
+def _is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], nn.ReLU)
+    return (node.op == "call_function" and node.target in (F.relu, torch.relu)) or (
+        node.op == "call_method" and node.target in ("relu", "relu_")
+    )
 
 
 def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -182,6 +199,10 @@ class QuantizedNetwork(nn.Module):
         graph.lint()
         gm.recompile()
         self.graph_module = gm
+        modules = dict(gm.named_modules())
+        for node in graph.nodes:
+            if node.op == "call_module" and isinstance(modules[node.target], FixedOp):
+                modules[node.target].only_relu_reads = bool(node.users) and all(_is_relu(u, modules) for u in node.users)
         self.calibrated = False
 
     def _add(self, gm: torch.fx.GraphModule, op: FixedOp) -> str:
@@ -191,25 +212,66 @@ class QuantizedNetwork(nn.Module):
         return attr
 
     @torch.no_grad()
-    def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
-        """Observe ranges on calibration batches with float arithmetic, then fix every format.
+    def observe(self, batches: Iterable[torch.Tensor], seed: int = 0) -> dict[str, TensorStats]:
+        """Statistics of every register on calibration batches, from the float network.
 
-        Ranges are observed on the float network (weights not yet rounded), so
-        they depend only on the model and the calibration images, not on any
-        word length.
+        The float network here has BatchNorm folded and weights not yet
+        rounded, so the statistics depend only on the model and the images,
+        not on any word length.
         """
         if self.calibrated:
-            raise RuntimeError("a QuantizedNetwork is calibrated once; build a new one for new images")
+            raise RuntimeError("statistics come from the float network: observe before calibrate")
+        observer = StatsObserver(seed=seed)
+        for op in self.ops:
+            op.observer = observer
         seen = 0
-        for x in batches:
-            self.graph_module(x)
-            seen += len(x)
+        try:
+            for x in batches:
+                self.graph_module(x)
+                seen += len(x)
+        finally:
+            for op in self.ops:
+                op.observer = None
         if seen == 0:
             raise ConfigError("calibration needs at least one image; set n_samples >= 1")
-        self._finalize()
+        return observer.result()
+
+    @torch.no_grad()
+    def calibrate(self, stats: dict[str, TensorStats] | Iterable[torch.Tensor]) -> None:
+        """Fix every format from ``stats`` (see ``observe``), or from batches observed now."""
+        if self.calibrated:
+            raise RuntimeError("a QuantizedNetwork is calibrated once; build a new one for new images")
+        if not isinstance(stats, dict):
+            stats = self.observe(stats)
+        self._finalize(stats)
         self.calibrated = True
 
-    def _finalize(self) -> None:
+    def _weight_formats(self, op: FixedDot, input_frac: int) -> tuple[list[QFormat], QFormat | None]:
+        """Weight formats (per tensor or per output channel, by the weight method) and the bias format.
+
+        The bias gets the max rule (a handful of values, each added once: none
+        should overflow), but never a finer LSB than the accumulator's
+        (``input_frac + weight F``): like an int32 bias at the accumulator's
+        scale in deployed integer kernels.
+        """
+        s = self.settings
+
+        def fmt(values: torch.Tensor) -> QFormat:
+            stats = stats_of_values(values)
+            f = choose_frac_bits(s.weight_calibration, stats, s.param_bits, s.rounding, s.overflow, s.overflow_rate)
+            return s.parameter_format(f)
+
+        weight = op.module.weight.detach()
+        if s.weight_granularity == "channel":
+            weight_fmts = [fmt(weight[c]) for c in range(weight.shape[0])]
+        else:
+            weight_fmts = [fmt(weight)] * weight.shape[0]
+        if op.module.bias is None:
+            return weight_fmts, None
+        acc_frac = input_frac + min(f.frac_bits for f in weight_fmts)
+        return weight_fmts, s.bias_format(min(frac_bits_for_max(max_abs(op.module.bias), s.bias_bits), acc_frac))
+
+    def _finalize(self, stats: dict[str, TensorStats]) -> None:
         s = self.settings
         modules = dict(self.graph_module.named_modules())
         formats: dict[str, QFormat] = {}  # node name -> format of the codes it holds
@@ -232,12 +294,15 @@ class QuantizedNetwork(nn.Module):
             if isinstance(op, FixedClamp):
                 out_fmt = in_fmts[0]
             else:
-                out_fmt = s.activation_format(frac_bits_for_max(op.observed_max_abs, s.fwd_bits))
+                if op.name not in stats:
+                    raise RuntimeError(f"no calibration statistics for {op.name!r}; were they gathered on another model?")
+                # Read only by a ReLU and saturating: a negative value that saturates still becomes
+                # exactly 0 after the ReLU, so the range needs to hold only what the ReLU passes.
+                key = op.name + RELU_SUFFIX if op.only_relu_reads and s.overflow == "saturate" else op.name
+                frac_bits = choose_frac_bits(s.act_calibration, stats[key], s.fwd_bits, s.rounding, s.overflow, s.overflow_rate)
+                out_fmt = s.activation_format(frac_bits)
             if isinstance(op, FixedDot):
-                weight_fmt = s.parameter_format(frac_bits_for_max(max_abs(op.module.weight), s.param_bits))
-                bias = op.module.bias
-                bias_fmt = s.parameter_format(frac_bits_for_max(max_abs(bias), s.param_bits)) if bias is not None else None
-                op.set_parameter_formats([weight_fmt] * op.module.weight.shape[0], bias_fmt)
+                op.set_parameter_formats(*self._weight_formats(op, in_fmts[0].frac_bits))
             op.finalize(out_fmt, in_fmts, s, self.ops.index(op))
             formats[node.name] = out_fmt
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fxpsweep.calibration import GRANULARITIES, METHODS
 from fxpsweep.errors import ConfigError
 from fxpsweep.fixedpoint import OVERFLOW_MODES, ROUNDING_MODES, QFormat, check_bits
 
@@ -20,20 +21,24 @@ def _check_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
 class QuantSettings:
     """One network's fixed-point configuration; every word length counts the sign bit.
 
-    ``param_bits``: weights and biases. ``fwd_bits``: activations (network
-    input included). ``rounding`` / ``overflow``: the rule at every rounding
+    ``param_bits``: weights. ``bias_bits``: biases (their LSB never finer
+    than the accumulator's). ``fwd_bits``: activations (network input included). ``rounding`` / ``overflow``: the rule at every rounding
     point. ``acc_bits``: the conv/linear accumulator word (None: exact, as
     wide as needed) with ``acc_overflow`` ``wrap`` or ``saturate`` (after every
     add, in the order ``fxpsweep.kernels`` states). ``product_bits``: round every
     product into a word of this many bits before it is summed (None: exact).
     ``batchnorm``: ``fold`` into the preceding conv, or ``keep`` as a quantized
     per-channel multiply-add. ``arithmetic``: ``exact`` (bit-exact) or ``fast``
-    (float32 throughout, inexact where partial sums pass 2**24). ``seed``:
-    seeds stochastic rounding.
+    (float32 throughout, inexact where partial sums pass 2**24).
+    ``act_calibration`` / ``weight_calibration``: how F is chosen (see
+    ``calibration``), weights ``per tensor`` or ``per channel``
+    (``weight_granularity``); ``overflow_rate``: the fraction the
+    ``overflow_rate`` method lets saturate. ``seed``: seeds stochastic rounding.
     """
 
     param_bits: int
     fwd_bits: int
+    bias_bits: int = 32
     rounding: str = "nearest_even"
     overflow: str = "saturate"
     acc_bits: int | None = None
@@ -41,11 +46,16 @@ class QuantSettings:
     product_bits: int | None = None
     batchnorm: str = "fold"
     arithmetic: str = "exact"
+    act_calibration: str = "mse"
+    weight_calibration: str = "mse"
+    weight_granularity: str = "channel"
+    overflow_rate: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_bits(self.param_bits, "param_bits")
         check_bits(self.fwd_bits, "fwd_bits")
+        check_bits(self.bias_bits, "bias_bits")
         _check_choice("rounding", self.rounding, ROUNDING_MODES)
         _check_choice("overflow", self.overflow, OVERFLOW_MODES)
         _check_choice("acc_overflow", self.acc_overflow, OVERFLOW_MODES)
@@ -55,9 +65,17 @@ class QuantSettings:
             check_bits(self.product_bits, "product_bits")
         _check_choice("batchnorm", self.batchnorm, BATCHNORM_MODES)
         _check_choice("arithmetic", self.arithmetic, ARITHMETIC_MODES)
+        _check_choice("calibration.activations", self.act_calibration, METHODS)
+        _check_choice("calibration.weights", self.weight_calibration, METHODS)
+        _check_choice("calibration.granularity", self.weight_granularity, GRANULARITIES)
+        if not (isinstance(self.overflow_rate, (int, float)) and 0.0 <= self.overflow_rate < 1.0):
+            raise ConfigError(f"calibration.overflow_rate={self.overflow_rate!r} must be a fraction in [0, 1)")
 
     def activation_format(self, frac_bits: int) -> QFormat:
         return QFormat(self.fwd_bits, frac_bits, self.rounding, self.overflow)
 
     def parameter_format(self, frac_bits: int) -> QFormat:
         return QFormat(self.param_bits, frac_bits, self.rounding, self.overflow)
+
+    def bias_format(self, frac_bits: int) -> QFormat:
+        return QFormat(self.bias_bits, frac_bits, self.rounding, self.overflow)

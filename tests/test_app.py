@@ -43,6 +43,17 @@ def test_multirun_saves_the_bits_vs_accuracy_table(sweep) -> None:
     assert len((sweep_dir / "acc1_acc5.txt").read_text().splitlines()) == 3
 
 
+def test_calibration_statistics_are_gathered_once_per_sweep(sweep, run_app, tmp_path) -> None:
+    sweep_dir, _ = sweep
+    results = sorted((json.loads(p.read_text()) for p in sweep_dir.rglob("result.json")), key=lambda r: r["bits"])
+    sources = [r["calibration_stats"] for r in results]
+    assert sources[0] in ("computed", "cache") and sources[1:] == ["memory", "memory"]
+    # Another process with the same cache folder reads them from disk.
+    proc = run_app("bits=6", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "result.json").read_text())["calibration_stats"] == "cache"
+
+
 def test_embedded_default_accuracy_targets(sweep) -> None:
     sweep_dir, _ = sweep
     by_bits = {r["bits"]: r for r in (json.loads(p.read_text()) for p in sweep_dir.rglob("result.json"))}
@@ -58,7 +69,7 @@ def test_each_job_reports_the_format_of_every_tensor(sweep) -> None:
         formats = json.loads(path.read_text())
         bits = json.loads((path.parent / "result.json").read_text())["bits"]
         assert {f["kind"] for f in formats} == {"input", "weight", "bias", "activation"}
-        assert all(f["total_bits"] == bits for f in formats)
+        assert all(f["total_bits"] == (32 if f["kind"] == "bias" else bits) for f in formats)  # bias_bits=32
 
 
 def test_aggregate_command_rebuilds_the_table(sweep, tmp_path) -> None:

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from conftest import REPO
 
 CONF = REPO / "conf"
+KINDS = ("digits", "imagenet", "cifar10")
 GROUPS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("model", "dataset", "device")}
 
 
@@ -31,12 +32,12 @@ def test_every_group_option_composes(choice: tuple[str, str, str]) -> None:
     assert resolved["dataset"]["name"] == dataset
     assert resolved["device"]["name"] == device
     assert "_target_" in resolved["model"]["build"] and "_target_" in resolved["dataset"]["splits"]
-    assert resolved["model"]["kind"] in ("digits", "imagenet") and resolved["dataset"]["kind"] in ("digits", "imagenet")
+    assert resolved["model"]["kind"] in KINDS and resolved["dataset"]["kind"] in KINDS
 
 
 def test_groups_are_the_documented_ones() -> None:
-    assert {"digits_cnn", "alexnet", "resnet50"} <= set(GROUPS["model"])
-    assert {"digits", "imagenet"} <= set(GROUPS["dataset"])
+    assert {"digits_cnn", "alexnet", "resnet50", "resnet20_cifar10", "mobilenet_v2_fused"} <= set(GROUPS["model"])
+    assert {"digits", "imagenet", "cifar10_test2000", "imagenet_val1300"} <= set(GROUPS["dataset"])
     assert GROUPS["device"] == ["cpu", "cuda"]
 
 

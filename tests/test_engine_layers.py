@@ -59,8 +59,11 @@ def test_conv_and_linear_codes_equal_the_reference(seed: int, device) -> None:
         module = nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias=py.random() < 0.7)
     w = random_codes(rng, module.weight.shape, ww)
     b = random_codes(rng, (cout,), wb) if module.bias is not None else None
+    # Per output channel weight formats in a third of the cases.
+    fws = [py.randint(-3, 12) for _ in range(cout)] if py.random() < 0.35 else [fw] * cout
     with torch.no_grad():
-        module.weight.copy_(as_real(w, fw))
+        for c in range(cout):
+            module.weight[c].copy_(as_real(w[c], fws[c]))
         if b is not None:
             module.bias.copy_(as_real(b, fb))
 
@@ -69,7 +72,7 @@ def test_conv_and_linear_codes_equal_the_reference(seed: int, device) -> None:
         acc_bits=acc[0] if acc else None, acc_overflow=acc[1] if acc else "wrap", product_bits=product_bits,
     )
     op = FixedDot("layer", module)
-    op.set_parameter_formats([QFormat(ww, fw, rounding, overflow)] * cout, QFormat(wb, fb, rounding, overflow) if b is not None else None)
+    op.set_parameter_formats([QFormat(ww, f, rounding, overflow) for f in fws], QFormat(wb, fb, rounding, overflow) if b is not None else None)
     in_fmt, out_fmt = QFormat(wa, fa, rounding, overflow), QFormat(wo, fo, rounding, overflow)
     got = run_op(op, device, settings, out_fmt, [in_fmt], x)
     KERNELS_SEEN.add(op.kernel)
@@ -80,11 +83,11 @@ def test_conv_and_linear_codes_equal_the_reference(seed: int, device) -> None:
         acc_codes = ref.linear_acc(x, w, product, acc)
     else:
         acc_codes = ref.conv2d_acc(x, w, stride, padding, dilation, groups, product, acc)
-    acc_frac = fa + fw - drop
     view = (1, cout) if linear else (1, cout, 1, 1)
+    acc_frac = (fa + np.array(fws) - drop).reshape(view)
     if b is not None:
-        sum_frac = max(acc_frac, fb)
-        total = acc_codes * (1 << (sum_frac - acc_frac)) + (b * (1 << (sum_frac - fb))).reshape(view)
+        sum_frac = np.maximum(acc_frac, fb)
+        total = acc_codes * (np.int64(1) << (sum_frac - acc_frac)) + (b.reshape(view) * (np.int64(1) << (sum_frac - fb)))
     else:
         sum_frac, total = acc_frac, acc_codes
     expected = ref.requantize_array(total, sum_frac, wo, fo, rounding, overflow)

@@ -38,20 +38,23 @@ def reference_output(op, inputs: list[np.ndarray], float_input: np.ndarray) -> n
         return ref.quantize_array(float_input, o.total_bits, o.frac_bits, o.rounding, o.overflow)
     if isinstance(op, FixedDot):
         a_fmt = op.in_fmts[0]
-        wf, bf = op.weight_fmts[0], op.bias_fmt
-        w = ref.quantize_array(op.module.weight.detach().cpu().numpy(), wf.total_bits, wf.frac_bits, wf.rounding, wf.overflow)
+        bf = op.bias_fmt
+        weight = op.module.weight.detach().cpu().numpy()
+        w = np.stack([
+            ref.quantize_array(weight[c], f.total_bits, f.frac_bits, f.rounding, f.overflow) for c, f in enumerate(op.weight_fmts)
+        ])
         x = inputs[0]
         if op.geometry.is_linear:
             acc = ref.conv2d_exact(x[:, :, None, None], w[:, :, None, None], 1, 0, 1, 1)[:, :, 0, 0]
         else:
             g = op.geometry
             acc = ref.conv2d_exact(x, w, g.stride[0], g.padding[0], g.dilation[0], g.groups)
-        acc_frac = a_fmt.frac_bits + wf.frac_bits
         view = (1, -1) if op.geometry.is_linear else (1, -1, 1, 1)
+        acc_frac = (a_fmt.frac_bits + np.array([f.frac_bits for f in op.weight_fmts])).reshape(view)
         if bf is not None:
             b = ref.quantize_array(op.module.bias.detach().cpu().numpy(), bf.total_bits, bf.frac_bits, bf.rounding, bf.overflow)
-            s = max(acc_frac, bf.frac_bits)
-            acc = acc * (1 << (s - acc_frac)) + (b * (1 << (s - bf.frac_bits))).reshape(view)
+            s = np.maximum(acc_frac, bf.frac_bits)
+            acc = acc * (np.int64(1) << (s - acc_frac)) + b.reshape(view) * (np.int64(1) << (s - bf.frac_bits))
             acc_frac = s
         return ref.requantize_array(acc, acc_frac, o.total_bits, o.frac_bits, o.rounding, o.overflow)
     if isinstance(op, FixedAdd):
@@ -72,10 +75,13 @@ def reference_output(op, inputs: list[np.ndarray], float_input: np.ndarray) -> n
     raise AssertionError(type(op))
 
 
-@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize(
+    ("bits", "bias_bits", "granularity"), [(8, 32, "channel"), (16, 32, "channel"), (8, 8, "tensor"), (16, 16, "tensor")]
+)
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "squeezenet1_1"])
-def test_network_is_bit_identical_to_an_integer_rerun(arch: str, bits: int, device) -> None:
-    net = QuantizedNetwork(random_network(arch), QuantSettings(param_bits=bits, fwd_bits=bits)).to(device)
+def test_network_is_bit_identical_to_an_integer_rerun(arch: str, bits: int, bias_bits: int, granularity: str, device) -> None:
+    settings = QuantSettings(param_bits=bits, fwd_bits=bits, bias_bits=bias_bits, weight_granularity=granularity)
+    net = QuantizedNetwork(random_network(arch), settings).to(device)
     torch.manual_seed(1)
     net.calibrate([torch.randn(2, 3, 48, 48, device=device)])
     x = torch.randn(2, 3, 48, 48)

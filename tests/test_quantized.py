@@ -49,8 +49,8 @@ def test_functional_ops_become_fixed_point_operations() -> None:
     # conv1 (BN folded), conv2, shortcut, the residual add, the pooling and fc are arithmetic.
     activations = [f.layer for f in formats if f.kind == "activation"]
     assert len(activations) == 6 and "bn1" not in activations
-    assert sum(f.kind == "weight" for f in formats) == 4 and sum(f.kind == "bias" for f in formats) == 4
-    assert all(f.total_bits == 6 for f in formats)
+    assert len({f.layer for f in formats if f.kind == "weight"}) == 4 and sum(f.kind == "bias" for f in formats) == 4
+    assert all(f.total_bits == (32 if f.kind == "bias" else 6) for f in formats)
 
 
 def test_batchnorm_kept_is_a_quantized_multiply_add() -> None:

@@ -73,3 +73,23 @@ def pretrained(arch: str, weights: str) -> PretrainedModel:
         "published_top5": metrics.get("acc@5"),
     }
     return PretrainedModel(model.eval(), member.transforms(), meta)
+
+
+def mobilenet_v2_without_batchnorm() -> torch.nn.Module:
+    """torchvision's MobileNetV2 with BatchNorm folded away: every BatchNorm2d an Identity,
+    every Conv2d with a bias, every ReLU6 a ReLU (the layout of BN-folded exports such as
+    torchvision's 8-bit MobileNetV2 turned back into float)."""
+    model = torchvision.models.mobilenet_v2()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.BatchNorm2d):
+                setattr(parent, name, torch.nn.Identity())
+            elif isinstance(child, torch.nn.ReLU6):
+                setattr(parent, name, torch.nn.ReLU(inplace=True))
+            elif isinstance(child, torch.nn.Conv2d) and child.bias is None:
+                conv = torch.nn.Conv2d(
+                    child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                    child.padding, child.dilation, child.groups, bias=True,
+                )
+                setattr(parent, name, conv)
+    return model

@@ -1,0 +1,49 @@
+"""Bring your own network: any ``nn.Module`` plus a state dict file.
+
+A model config names the architecture (anything Hydra can instantiate), the
+checkpoint path, where the state dict sits inside the file, a key prefix to
+strip (``module.`` from DataParallel) and the preprocessing; see the README.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from fxpsweep.errors import ConfigError
+from fxpsweep.models import PretrainedModel
+from fxpsweep.storage import load_checkpoint
+
+
+def from_state_dict(
+    architecture: nn.Module,
+    path: str,
+    state_dict_key: str | None = None,
+    strip_prefix: str | None = None,
+    transform: Callable | None = None,
+    published_top1: float | None = None,
+) -> PretrainedModel:
+    """``architecture`` with the weights of the checkpoint at ``path``, loaded strictly."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist; set the model's build.path to the state dict file")
+    state = load_checkpoint(file)
+    if state_dict_key:
+        if not isinstance(state, dict) or state_dict_key not in state:
+            keys = ", ".join(map(str, state)) if isinstance(state, dict) else type(state).__name__
+            raise ConfigError(f"checkpoint {path} has no {state_dict_key!r} entry (it has: {keys})")
+        state = state[state_dict_key]
+    if strip_prefix:
+        state = {k.removeprefix(strip_prefix): v for k, v in state.items()}
+    result = architecture.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError(
+            f"checkpoint {path} does not fit {type(architecture).__name__}: "
+            f"missing {result.missing_keys[:5]}{'...' if len(result.missing_keys) > 5 else ''}, "
+            f"unexpected {result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''} "
+            "(set strip_prefix or state_dict_key?)"
+        )
+    meta = {"checkpoint": str(file), "published_top1": published_top1}
+    return PretrainedModel(architecture.eval(), transform, meta)

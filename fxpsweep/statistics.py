@@ -1,0 +1,97 @@
+"""Activation statistics from one float pass over the calibration images, cached.
+
+Statistics depend on the model, the calibration images and how BatchNorm is
+treated, not on any word length: a sweep gathers them once and every job
+reuses them, from memory when the jobs share a process and from
+``<cache_dir>/calibration/<key>.pt`` when they share a cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fxpsweep.calibration import TensorStats
+from fxpsweep.storage import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+SAMPLE_SIZE = 16384  # values kept per tensor, uniformly at random
+STATS_VERSION = 2  # bump when what is gathered changes: old cache files are then ignored
+RELU_SUFFIX = "|relu"  # statistics of relu(output), for registers read only by a ReLU
+
+_in_memory: dict[str, dict[str, TensorStats]] = {}
+
+
+class StatsObserver:
+    """Accumulates, per named tensor, the largest magnitude and a uniform random sample of values."""
+
+    def __init__(self, sample_size: int = SAMPLE_SIZE, seed: int = 0) -> None:
+        self.sample_size = sample_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.max_abs: dict[str, float] = {}
+        self.samples: dict[str, list[torch.Tensor]] = {}
+
+    def update(self, name: str, values: torch.Tensor) -> None:
+        flat = values.detach().reshape(-1)
+        if flat.numel() == 0:
+            return
+        self.max_abs[name] = max(self.max_abs.get(name, 0.0), float(flat.abs().max()))
+        # The same number of draws (with replacement) from every batch: uniform over the images.
+        index = torch.randint(flat.numel(), (self.sample_size,), generator=self.generator).to(flat.device)
+        self.samples.setdefault(name, []).append(flat[index].float().cpu())
+
+    def result(self) -> dict[str, TensorStats]:
+        stats = {}
+        for name, parts in self.samples.items():
+            pooled = torch.cat(parts)
+            keep = torch.randperm(len(pooled), generator=self.generator)[: self.sample_size]
+            stats[name] = TensorStats(self.max_abs[name], pooled[keep])
+        return stats
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A cheap fingerprint of a module's parameters and buffers (names, shapes, sums), for cache keys."""
+    parts = []
+    for name, t in module.state_dict().items():
+        t64 = t.detach().double()
+        parts.append(f"{name}:{tuple(t.shape)}:{float(t64.sum()):.17g}:{float(t64.abs().sum()):.17g}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def stats_key(identity: dict[str, Any]) -> str:
+    """A short hash of everything the statistics depend on."""
+    text = json.dumps({"version": STATS_VERSION, "sample": SAMPLE_SIZE, **identity}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_stats(
+    identity: dict[str, Any], cache_dir: str | Path | None, gather: Callable[[], dict[str, TensorStats]]
+) -> tuple[dict[str, TensorStats], str]:
+    """The statistics for ``identity``: from memory, from the cache folder, or gathered now (and cached).
+
+    Returns them and where they came from: ``memory``, ``cache`` or ``computed``.
+    """
+    key = stats_key(identity)
+    if key in _in_memory:
+        return _in_memory[key], "memory"
+    path = Path(cache_dir).expanduser() / "calibration" / f"{key}.pt" if cache_dir is not None else None
+    if path is not None and path.exists():
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+            stats = {name: TensorStats(float(v["max_abs"]), v["sample"]) for name, v in raw.items()}
+            _in_memory[key] = stats
+            return stats, "cache"
+        except Exception as err:  # a damaged cache file is only a lost shortcut
+            log.warning("ignoring unreadable calibration cache %s (%s); gathering again", path, err)
+    stats = gather()
+    if path is not None:
+        atomic_torch_save({n: {"max_abs": torch.tensor(s.max_abs), "sample": s.sample} for n, s in stats.items()}, path)
+    _in_memory[key] = stats
+    return stats, "computed"
