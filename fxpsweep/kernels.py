@@ -15,8 +15,13 @@ get, and the fastest exact one is picked per layer (``ops.FixedDot._choose_kerne
   ``a_i`` in [-128, 127]; the constant ``C`` contributes ``C * sum_k w_k``).
   Each piece product is exact in int32 (``K * 2**14 < 2**31``) and the pieces
   combine exactly in float64 (the accumulator stays below ``2**53``).
-- ``float64``: exact while partial sums stay below ``2**53`` (grouped and
-  depthwise convolutions, whose GEMMs would be tiny; every layer on CUDA).
+- ``float32_pieces``: grouped and depthwise convolutions with a small window
+  (``K * 2**14 < 2**24``, e.g. 3x3 depthwise): the same 8-bit pieces as
+  ``int8``, each pair convolved in float32 (exact: every partial sum is below
+  ``K * 2**14``), combined in float64. On the CPU, float64 convolutions are
+  many times slower.
+- ``float64``: exact while partial sums stay below ``2**53`` (other grouped
+  convolutions; every layer on CUDA).
 - ``sequential``: one input position ``k`` at a time, in the order
   (input channel, kernel row, kernel column), for a saturating accumulator
   (saturation after every add depends on the order) or rounding of every
@@ -168,6 +173,39 @@ def int8_dot(codes: torch.Tensor, act_bits: int, weights: Int8Weights, geometry:
     if g.is_linear:
         return acc
     return acc.reshape(codes.shape[0], oh, ow, -1).permute(0, 3, 1, 2)
+
+
+@dataclass
+class PieceWeights:
+    """Weight codes as signed 8-bit digits in float32 conv layout, for ``float32_pieces_dot``."""
+
+    digits: list[torch.Tensor]  # each (Cout, Cin/groups, kh, kw) float32, values in [-128, 127]
+    row_sums: torch.Tensor  # (1, Cout, 1, 1) float64: sum_k w_k, for the activation offset
+
+    @classmethod
+    def prepare(cls, weight_codes: torch.Tensor, device: torch.device | str = "cpu") -> PieceWeights:
+        digits = [d.to(torch.float32).to(device) for d in signed_digits(weight_codes)]
+        sums = weight_codes.to(torch.float64).reshape(weight_codes.shape[0], -1).sum(1)
+        return cls(digits, sums.reshape(1, -1, 1, 1).to(device))
+
+
+def float32_pieces_dot(codes: torch.Tensor, act_bits: int, weights: PieceWeights, geometry: ConvGeometry) -> torch.Tensor:
+    """The exact accumulator (float64) of a grouped conv from float32 convolutions of 8-bit pieces."""
+    g = geometry
+    x = codes
+    if any(g.padding):
+        ph, pw = g.padding
+        x = F.pad(x, (pw, pw, ph, ph))  # zero codes, split below like any other value
+    pieces, offset = offset_bytes(x, act_bits)
+    acc = None
+    for i, piece in enumerate(pieces):
+        a = piece.to(torch.float32)
+        for j, digit in enumerate(weights.digits):
+            term = F.conv2d(a, digit, None, g.stride, 0, g.dilation, g.groups).to(torch.float64)
+            acc = term * 256 ** (i + j) if acc is None else acc.add_(term, alpha=256 ** (i + j))
+    if offset:
+        acc.add_(weights.row_sums * offset)
+    return acc
 
 
 def sequential_dot(

@@ -188,6 +188,7 @@ class FixedDot(FixedOp):
         self.register_buffer("bias_out", bias_out.to(dtype).to(device))
         self.register_buffer("acc_to_out", acc_to_out.reshape(view).to(dtype).to(device))
         self.int8_weights = kernels.Int8Weights.prepare(w_codes, device) if self.kernel == "int8" else None
+        self.piece_weights = kernels.PieceWeights.prepare(w_codes, device) if self.kernel == "float32_pieces" else None
         self.product_shift = -drop
 
     def _choose_kernel(
@@ -207,14 +208,22 @@ class FixedDot(FixedOp):
                 f"layer {self.name!r}: its accumulator may reach {max(dot_bound, total_bound):.3g}, beyond the 2**53 "
                 "that fxpsweep simulates exactly; use fewer bits or a narrower acc_bits with acc_overflow=saturate"
             )
-        # CPU: integer GEMM beats float64 for ungrouped layers. CUDA's int8 GEMM wants
-        # shapes in multiples of 8, and its float64 units are fast: float64 there.
-        return "int8" if self.geometry.groups == 1 and device.type == "cpu" else "float64"
+        # CPU: integer GEMM beats float64 for ungrouped layers, float32 pieces for small
+        # grouped windows. CUDA's int8 GEMM wants shapes in multiples of 8, and its
+        # float64 units are fast: float64 there.
+        if device.type != "cpu":
+            return "float64"
+        if self.geometry.groups == 1:
+            return "int8"
+        window = self.module.weight[0].numel()  # K of one group
+        return "float32_pieces" if window * 2**14 < kernels.FLOAT32_EXACT else "float64"
 
     def _accumulate(self, codes: torch.Tensor) -> torch.Tensor:
         """The raw accumulator ``sum_k a_k * w_k`` (integer-valued float tensor)."""
         if self.kernel == "int8":
             return kernels.int8_dot(codes, self.in_fmts[0].total_bits, self.int8_weights, self.geometry)
+        if self.kernel == "float32_pieces":
+            return kernels.float32_pieces_dot(codes, self.in_fmts[0].total_bits, self.piece_weights, self.geometry)
         if self.kernel == "sequential":
             acc, p_over, a_over = kernels.sequential_dot(
                 codes, self.w_codes, self.geometry, self.product_fmt, self.product_shift, self.acc_fmt

@@ -94,9 +94,24 @@ def test_conv_and_linear_codes_equal_the_reference(seed: int, device) -> None:
     np.testing.assert_array_equal(got, expected)
 
 
+def test_wide_grouped_conv_codes_equal_the_reference(device) -> None:
+    # K = 114 * 9 = 1026 per group: too wide for float32 pieces, so float64 on the CPU.
+    rng = np.random.default_rng(0)
+    module = nn.Conv2d(228, 4, 3, 1, 1, groups=2, bias=False)
+    x, w = random_codes(rng, (1, 228, 4, 4), 16), random_codes(rng, module.weight.shape, 16)
+    with torch.no_grad():
+        module.weight.copy_(as_real(w, 14))
+    op = FixedDot("wide", module)
+    op.set_parameter_formats([QFormat(16, 14)] * 4, None)
+    got = run_op(op, device, QuantSettings(16, 16), QFormat(16, -10), [QFormat(16, 4)], x)
+    KERNELS_SEEN.add(op.kernel)
+    expected = ref.requantize_array(ref.conv2d_exact(x, w, 1, 1, 1, 2), 18, 16, -10, "nearest_even", "saturate")
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_every_exact_kernel_was_exercised(device) -> None:
     # Runs after the parametrized cases above (pytest keeps file order).
-    expected = {"float32", "float64", "sequential"} | ({"int8"} if device.type == "cpu" else set())
+    expected = {"float32", "float64", "sequential"} | ({"int8", "float32_pieces"} if device.type == "cpu" else set())
     assert KERNELS_SEEN >= expected
 
 
