@@ -217,10 +217,16 @@ def round_and_overflow(
     pass; the overflow rule runs only where a value is out of range.
     """
     k = torch.round_(v) if fmt.rounding == "nearest_even" else round_to_integer(v, fmt.rounding, generator)
-    low, high = torch.aminmax(k) if k.numel() else (torch.zeros(()), torch.zeros(()))
-    if low >= fmt.min_code and high <= fmt.max_code:
+    if k.numel() == 0:
         return k, 0
-    overflowed = int(((k < fmt.min_code) | (k > fmt.max_code)).sum())
+    low, high = torch.aminmax(k)
+    below, above = bool(low < fmt.min_code), bool(high > fmt.max_code)
+    # Count only the side that overflowed: one pass each, the common cases cost none.
+    overflowed = (int(torch.count_nonzero(k < fmt.min_code)) if below else 0) + (int(torch.count_nonzero(k > fmt.max_code)) if above else 0)
+    if not overflowed:
+        return k, 0
+    if fmt.overflow == "saturate":
+        return k.clamp_(fmt.min_code, fmt.max_code), overflowed
     return apply_overflow(k, fmt.total_bits, fmt.overflow), overflowed
 
 

@@ -247,11 +247,11 @@ def sequential_dot(
         p = a_k * w[:, k]
         if product_fmt is not None:
             p = round_to_integer(p * 2.0**product_shift, product_fmt.rounding)
-            product_overflows += int(((p < product_fmt.min_code) | (p > product_fmt.max_code)).sum())
+            product_overflows += int(torch.count_nonzero((p < product_fmt.min_code) | (p > product_fmt.max_code)))
             p = apply_overflow(p, product_fmt.total_bits, product_fmt.overflow)
         acc = acc + p
         if acc_fmt is not None:
-            acc_overflows += int(((acc < acc_fmt.min_code) | (acc > acc_fmt.max_code)).sum())
+            acc_overflows += int(torch.count_nonzero((acc < acc_fmt.min_code) | (acc > acc_fmt.max_code)))
             acc = apply_overflow(acc, acc_fmt.total_bits, acc_fmt.overflow)
     if g.is_linear:
         return acc[0], product_overflows, acc_overflows

@@ -243,7 +243,7 @@ class FixedDot(FixedOp):
             acc = self._accumulate(codes).to(self.acc_to_out.dtype)
             if self.acc_fmt is not None and self.kernel != "sequential":
                 # A wrapping accumulator is order-independent: wrap the exact sum once.
-                self.acc_overflows += int(((acc < self.acc_fmt.min_code) | (acc > self.acc_fmt.max_code)).sum())
+                self.acc_overflows += int(torch.count_nonzero((acc < self.acc_fmt.min_code) | (acc > self.acc_fmt.max_code)))
                 self.acc_values += acc.numel()
                 acc = apply_overflow(acc, self.acc_fmt.total_bits, self.acc_fmt.overflow)
             v = torch.addcmul(self.bias_out.reshape(self.acc_to_out.shape), acc, self.acc_to_out)
@@ -340,7 +340,7 @@ class FixedAvgPool(FixedOp):
         denominator = divisors * 2.0 ** max(-shift, 0)
         k = divide_and_round(numerator, denominator.expand_as(numerator), self.out_fmt.rounding, self.generator)
         fmt = self.out_fmt
-        self.overflows += int(((k < fmt.min_code) | (k > fmt.max_code)).sum())
+        self.overflows += int(torch.count_nonzero((k < fmt.min_code) | (k > fmt.max_code)))
         self.values += k.numel()
         return apply_overflow(k, fmt.total_bits, fmt.overflow).to(code_dtype(fmt))
 
