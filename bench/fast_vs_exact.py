@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torchvision
 from torch import nn
 
 from fxpsweep.data import split_digits
@@ -22,16 +21,7 @@ from fxpsweep.evaluate import TopKCounter
 from fxpsweep.models.digits_cnn import pretrained_digits_cnn
 from fxpsweep.quantized import QuantizedNetwork
 from fxpsweep.settings import QuantSettings
-
-
-def random_model(arch: str) -> nn.Module:
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(arch, weights=None)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
+from throughput import random_model  # same weights as the throughput benchmark
 
 
 @torch.no_grad()
