@@ -26,7 +26,8 @@ TABLE_STEM = "bits_vs_accuracy"
 # Datapath and calibration settings: where a sweep varies one, the table gets a row per value.
 SETTINGS = [
     "bias_bits", "rounding", "overflow", "arithmetic", "acc_bits", "acc_overflow", "product_bits", "batchnorm",
-    "act_calibration", "weight_calibration", "weight_granularity", "overflow_rate", "n_samples", "seed",
+    "act_calibration", "weight_calibration", "weight_granularity", "overflow_rate", "bias_correction", "eval_subset",
+    "n_samples", "seed",
 ]
 # What makes two results the same configuration (the later one replaces the earlier).
 CONFIG_KEYS = ["model", "dataset", "param_bits", "fwd_bits", "n_eval", *SETTINGS]

@@ -98,7 +98,29 @@ def choose_frac_bits(
     raise ConfigError(f"calibration method {method!r} is unknown; allowed: {', '.join(METHODS)}")
 
 
-def stats_of_values(values: torch.Tensor) -> TensorStats:
-    """Stats of a tensor seen whole (a weight): every value is in the sample."""
-    flat = values.detach().reshape(-1).float().cpu()
-    return TensorStats(max_abs(flat), flat)
+def frac_bits_per_row(
+    rows: torch.Tensor, method: str, total_bits: int, rounding: str, overflow: str, rate: float
+) -> list[int]:
+    """``choose_frac_bits`` for every row of ``rows`` (a weight's output channels, each seen whole).
+
+    The ``mse`` search runs on all rows that share a starting F at once: a
+    network has about ten distinct starts per layer, against thousands of channels.
+    """
+    rows = rows.detach().reshape(len(rows), -1).float().cpu()
+    maxes = rows.abs().amax(1).tolist() if rows.shape[1] else [0.0] * len(rows)
+    if method != "mse":
+        return [choose_frac_bits(method, TensorStats(m, r), total_bits, rounding, overflow, rate) for m, r in zip(maxes, rows)]
+    starts = [frac_bits_for_max(m, total_bits) for m in maxes]
+    chosen = list(starts)
+    groups: dict[int, list[int]] = {}
+    for i, (start, m) in enumerate(zip(starts, maxes)):
+        if m > 0.0:
+            groups.setdefault(start, []).append(i)
+    mode = "nearest_even" if rounding == "stochastic" else rounding
+    for start, members in groups.items():
+        x = rows[members].double()
+        candidates = range(start, start + MSE_SEARCH + 1)
+        errors = torch.stack([((x - quantize(x, total_bits, f, mode, overflow)) ** 2).sum(1) for f in candidates])
+        for i, best in zip(members, errors.argmin(0).tolist()):  # argmin: the first, coarsest F among equal errors
+            chosen[i] = start + best
+    return chosen

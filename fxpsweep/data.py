@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
@@ -30,27 +29,12 @@ class DataSplits:
     calibration: Dataset
     evaluation: Dataset
     calibration_source: str  # e.g. "train[seed 0: 20 of 1257]"
-
-    def with_transform(self, transform: Callable | None) -> DataSplits:
-        """The same splits with ``transform`` applied to every image (None: unchanged)."""
-        if transform is None:
-            return self
-        return DataSplits(Transformed(self.calibration, transform), Transformed(self.evaluation, transform), self.calibration_source)
+    # The images are already resized and cropped to the network's input (the original
+    # tool's val224 pickle): only the tensor steps of a model's transform apply.
+    presized: bool = False
 
 
-class Transformed(Dataset):
-    """``(transform(image), label)`` for every ``(image, label)`` of ``images``."""
-
-    def __init__(self, images: Dataset, transform: Callable) -> None:
-        self.images = images
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        image, label = self.images[index]
-        return self.transform(image), label
+EVAL_SUBSETS = ("first", "random")
 
 
 def digits_splits(test_fraction: float = DIGITS_TEST_FRACTION, split_seed: int = DIGITS_SPLIT_SEED) -> tuple[TensorDataset, TensorDataset]:
@@ -74,33 +58,57 @@ def _seeded_order(n: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _check_counts(n_samples: int, eval_limit: int | None) -> None:
+def _check_counts(n_samples: int, eval_limit: int | None, eval_subset: str = "first") -> None:
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ConfigError(f"n_samples={n_samples!r} must be a positive integer (number of calibration images)")
     if eval_limit is not None and (isinstance(eval_limit, bool) or not isinstance(eval_limit, int) or eval_limit < 1):
         raise ConfigError(f"eval_limit={eval_limit!r} must be a positive integer, or null for all evaluation images")
+    if eval_subset not in EVAL_SUBSETS:
+        raise ConfigError(f"eval_subset={eval_subset!r} is unknown; allowed: {', '.join(EVAL_SUBSETS)}")
 
 
-def split_digits(n_samples: int, eval_limit: int | None, seed: int) -> DataSplits:
-    """Calibration: ``n_samples`` seeded images of the training split. Evaluation: the held-out split."""
-    _check_counts(n_samples, eval_limit)
-    train, test = digits_splits()
+def _evaluation_indices(candidates: list[int], eval_limit: int | None, eval_subset: str, seed: int) -> list[int]:
+    """``eval_limit`` of ``candidates``: the first ones (the original tool's "first 1000"), or a seeded random
+    choice kept in dataset order; all of them when ``eval_limit`` is None."""
+    if eval_limit is None or eval_limit >= len(candidates):
+        return list(candidates)
+    if eval_subset == "first":
+        return list(candidates[:eval_limit])
+    chosen = sorted(_seeded_order(len(candidates), seed + 1)[:eval_limit])  # seed + 1: not the calibration draw
+    return [candidates[i] for i in chosen]
+
+
+def _split_train_test(
+    train: Dataset, test: Dataset, n_samples: int, eval_limit: int | None, eval_subset: str, seed: int, presized: bool = False
+) -> DataSplits:
+    """For a dataset with a training split: ``n_samples`` seeded training images calibrate, the test split evaluates."""
+    _check_counts(n_samples, eval_limit, eval_subset)
     if n_samples > len(train):
-        raise ConfigError(f"n_samples={n_samples} exceeds the {len(train)} training images of the digits")
+        raise ConfigError(f"n_samples={n_samples} exceeds the {len(train)} training images")
     calibration = Subset(train, _seeded_order(len(train), seed)[:n_samples])
-    evaluation = Subset(test, range(min(len(test), eval_limit or len(test))))
-    return DataSplits(calibration, evaluation, f"train[seed {seed}: {n_samples} of {len(train)}]")
+    evaluation = Subset(test, _evaluation_indices(list(range(len(test))), eval_limit, eval_subset, seed))
+    return DataSplits(calibration, evaluation, f"train[seed {seed}: {n_samples} of {len(train)}]", presized)
 
 
-def _split_held_out(images: Dataset, n_samples: int, eval_limit: int | None, seed: int) -> DataSplits:
-    """For a dataset with one split: a seeded random slice calibrates, the rest (in order) evaluates."""
+def _split_held_out(
+    images: Dataset, n_samples: int, eval_limit: int | None, eval_subset: str, seed: int, presized: bool = False
+) -> DataSplits:
+    """For a dataset with one split: a seeded random slice calibrates, the rest (or eval_limit of it) evaluates."""
+    _check_counts(n_samples, eval_limit, eval_subset)
     n = len(images)
     if n_samples >= n:
         raise ConfigError(f"n_samples={n_samples} leaves no evaluation image among the {n} images")
     calib_idx = _seeded_order(n, seed)[:n_samples]
     taken = set(calib_idx)
-    eval_idx = [i for i in range(n) if i not in taken][:eval_limit]
-    return DataSplits(Subset(images, calib_idx), Subset(images, eval_idx), f"val[seed {seed}: {n_samples} of {n}, excluded from evaluation]")
+    eval_idx = _evaluation_indices([i for i in range(n) if i not in taken], eval_limit, eval_subset, seed)
+    source = f"val[seed {seed}: {n_samples} of {n}, excluded from evaluation]"
+    return DataSplits(Subset(images, calib_idx), Subset(images, eval_idx), source, presized)
+
+
+def split_digits(n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first") -> DataSplits:
+    """Calibration: ``n_samples`` seeded images of the training split. Evaluation: the held-out split."""
+    train, test = digits_splits()
+    return _split_train_test(train, test, n_samples, eval_limit, eval_subset, seed)
 
 
 def imagenet_folder(root: str | None) -> Dataset:
@@ -129,10 +137,12 @@ def imagenet_folder(root: str | None) -> Dataset:
     return images
 
 
-def split_imagenet_folder(root: str | None, n_samples: int, eval_limit: int | None, seed: int) -> DataSplits:
+def split_imagenet_folder(
+    root: str | None, n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first"
+) -> DataSplits:
     """ImageNet validation folder (PIL images): a seeded slice of ``n_samples`` calibrates, the rest evaluates."""
-    _check_counts(n_samples, eval_limit)
-    return _split_held_out(imagenet_folder(root), n_samples, eval_limit, seed)
+    _check_counts(n_samples, eval_limit, eval_subset)
+    return _split_held_out(imagenet_folder(root), n_samples, eval_limit, eval_subset, seed)
 
 
 class NpzImages(Dataset):
@@ -195,17 +205,71 @@ def _existing(path: str | None, key: str, what: str) -> Path:
     return p
 
 
-def split_npz(path: str | None, n_samples: int, eval_limit: int | None, seed: int) -> DataSplits:
+def split_npz(path: str | None, n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first") -> DataSplits:
     """One ``.npz`` split (see NpzImages): a seeded slice of ``n_samples`` calibrates, the rest evaluates."""
-    _check_counts(n_samples, eval_limit)
+    _check_counts(n_samples, eval_limit, eval_subset)
     file = _existing(path, "dataset.path", "give an .npz file with arrays x (N, H, W, 3) uint8 and y")
-    return _split_held_out(NpzImages(file), n_samples, eval_limit, seed)
+    return _split_held_out(NpzImages(file), n_samples, eval_limit, eval_subset, seed)
 
 
-def split_image_list(root: str | None, list_file: str, n_samples: int, eval_limit: int | None, seed: int) -> DataSplits:
+def split_image_list(
+    root: str | None, list_file: str, n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first"
+) -> DataSplits:
     """A folder of images with a list file (see ImageList): a seeded slice calibrates, the rest evaluates."""
-    _check_counts(n_samples, eval_limit)
+    _check_counts(n_samples, eval_limit, eval_subset)
     folder = _existing(root, "dataset.root", f"give the folder that holds {list_file} and the images it lists")
     if not (folder / list_file).is_file():
         raise ConfigError(f"dataset.root={root} has no {list_file} (lines 'relative/path.JPEG, LABEL')")
-    return _split_held_out(ImageList(folder, list_file), n_samples, eval_limit, seed)
+    return _split_held_out(ImageList(folder, list_file), n_samples, eval_limit, eval_subset, seed)
+
+
+CIFAR_URLS = {10: "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", 100: "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
+
+
+def cifar_images(classes: int, root: str, train: bool, download: bool) -> Dataset:
+    """torchvision's CIFAR-10/100 (PIL images), downloaded into ``root`` when allowed and missing."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = {10: CIFAR10, 100: CIFAR100}.get(classes)
+    if cls is None:
+        raise ConfigError(f"dataset.classes={classes!r}: CIFAR has 10 or 100 classes")
+    folder = Path(root).expanduser()
+    try:
+        return cls(str(folder), train=train, download=download)
+    except RuntimeError as err:  # "Dataset not found or corrupted"
+        raise ConfigError(
+            f"CIFAR-{classes} is not in dataset.root={root} ({err}); allow dataset.download=true on a connected "
+            f"machine, or unpack {CIFAR_URLS[classes]} there (the folder {cls.base_folder}/)"
+        ) from None
+    except OSError as err:  # the download itself failed
+        raise ConfigError(
+            f"CIFAR-{classes} could not be downloaded from {CIFAR_URLS[classes]} into {root} ({type(err).__name__}: {err}); "
+            f"download it elsewhere and unpack it into dataset.root"
+        ) from None
+
+
+def split_cifar(
+    classes: int, root: str, download: bool, n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first"
+) -> DataSplits:
+    """CIFAR-10/100 through torchvision: calibration from the 50000 training images, evaluation on the 10000 test images."""
+    _check_counts(n_samples, eval_limit, eval_subset)
+    train, test = cifar_images(classes, root, True, download), cifar_images(classes, root, False, download)
+    return _split_train_test(train, test, n_samples, eval_limit, eval_subset, seed)
+
+
+def split_jpeg_pickle(
+    path: str | None, url: str | None, cache_dir: str, n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first"
+) -> DataSplits:
+    """The original tool's ``val224_compressed.pkl`` (see ``jpeg_pickle``): a seeded slice calibrates, the rest evaluates.
+
+    The images are already 224x224 crops: only the tensor steps of a model's
+    transform apply (``presized``), as in the original tool.
+    """
+    from fxpsweep.jpeg_pickle import PickledJpegs
+    from fxpsweep.storage import fetch_file
+
+    _check_counts(n_samples, eval_limit, eval_subset)
+    if path is None:
+        raise ConfigError("dataset.path is not set; give the val224_compressed.pkl file")
+    file = fetch_file(path, url, "set dataset.path to the val224_compressed.pkl file")
+    return _split_held_out(PickledJpegs(file, cache_dir), n_samples, eval_limit, eval_subset, seed, presized=True)

@@ -19,6 +19,7 @@ from fxpsweep.errors import ConfigError
 from fxpsweep.evaluate import evaluate_pair
 from fxpsweep.fixedpoint import check_bits
 from fxpsweep.models import PretrainedModel
+from fxpsweep.preprocess import prepare
 from fxpsweep.quantized import QuantizedNetwork
 from fxpsweep.settings import QuantSettings
 from fxpsweep.report import layer_sqnr, layer_table
@@ -51,6 +52,7 @@ def quant_settings(cfg: DictConfig) -> QuantSettings:
         weight_calibration=cfg.calibration.weights,
         weight_granularity=cfg.calibration.granularity,
         overflow_rate=cfg.calibration.overflow_rate,
+        bias_correction=cfg.calibration.bias_correction,
         seed=cfg.seed,
     )
 
@@ -101,9 +103,10 @@ def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str,
             f"model={cfg.model.name} classifies {cfg.model.kind} images; it cannot be evaluated on "
             f"dataset={cfg.dataset.name} ({cfg.dataset.kind} images); choose a dataset of kind {cfg.model.kind}"
         )
-    splits = build(cfg.dataset.splits, n_samples=cfg.n_samples, eval_limit=cfg.eval_limit, seed=cfg.seed)
+    splits = build(cfg.dataset.splits, n_samples=cfg.n_samples, eval_limit=cfg.eval_limit, eval_subset=cfg.eval_subset, seed=cfg.seed)
     model: PretrainedModel = build(cfg.model.build)
-    splits = splits.with_transform(model.transform)
+    dataset_config = OmegaConf.to_container(cfg.dataset, resolve=True)
+    splits = prepare(splits, model.transform, dataset_config, cfg.cache_dir if cfg.image_cache else None)
 
     float_model = model.module.to(device)
     quant_model = QuantizedNetwork(model.module, settings).to(device)
@@ -112,14 +115,14 @@ def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str,
     identity = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "weights": weights_fingerprint(model.module),
-        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+        "dataset": dataset_config,
         "calibration_images": splits.calibration_source,
         "batchnorm": settings.batchnorm,
     }
-    calibration_batches = (x.to(device) for x, _ in _loader(splits.calibration, cfg.batch_size, cfg.workers))
+    calibration_batches = [x.to(device) for x, _ in _loader(splits.calibration, cfg.batch_size, cfg.workers)]
     stats, stats_source = cached_stats(identity, cfg.cache_dir, lambda: quant_model.observe(calibration_batches, cfg.seed))
     log.info("calibration statistics: %s", stats_source)
-    quant_model.calibrate(stats)
+    quant_model.calibrate(calibration_batches, stats)
     eval_loader = _loader(splits.evaluation, cfg.batch_size, cfg.workers)
     float_acc, quant_acc = evaluate_pair(float_model, quant_model, eval_loader, device)
     formats = quant_model.formats()  # overflow counts over the evaluation images, before the report reruns some
@@ -146,6 +149,8 @@ def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str,
         "weight_calibration": settings.weight_calibration,
         "weight_granularity": settings.weight_granularity,
         "overflow_rate": settings.overflow_rate,
+        "bias_correction": settings.bias_correction,
+        "eval_subset": cfg.eval_subset,
         "n_eval": float_acc.n_images,
         "float_top1": float_acc.top1,
         "float_top5": float_acc.top5,

@@ -80,6 +80,10 @@ class FixedOp(nn.Module):
         """(kind, format, overflows, values) of this operation's parameters and internal registers."""
         return []
 
+    def reset_counts(self) -> None:
+        """Forget the overflows counted so far."""
+        self.overflows = self.values = 0
+
 
 class FixedInput(FixedOp):
     """The network input register: real values rounded into ``Q(fwd_bits, F)``."""
@@ -248,6 +252,11 @@ class FixedDot(FixedOp):
                 acc = apply_overflow(acc, self.acc_fmt.total_bits, self.acc_fmt.overflow)
             v = torch.addcmul(self.bias_out.reshape(self.acc_to_out.shape), acc, self.acc_to_out)
         return self.emit(v)
+
+    def reset_counts(self) -> None:
+        super().reset_counts()
+        self.acc_overflows = self.acc_values = 0
+        self.product_overflows = self.product_values = 0
 
     def extra_formats(self) -> list[tuple[str, QFormat | None, int | None, int | None]]:
         weights = self.weight_fmts[:1] if len({f.frac_bits for f in self.weight_fmts}) == 1 else self.weight_fmts

@@ -16,7 +16,8 @@ what the ReLU passes: with saturation, a negative value that overflows still
 becomes exactly 0, so only the positive range needs holding); ``calibrate``
 turns them into formats:
 activations get ``fwd_bits`` and weights ``param_bits``, each with the F its
-calibration method picks (see ``calibration``). Operations the builder does
+calibration method picks (see ``calibration``); then, by default, every bias
+is corrected for the mean error of its layer's output (``_BiasCorrection``). Operations the builder does
 not know raise an error rather than silently run in float.
 """
 
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from fxpsweep.calibration import TensorStats, choose_frac_bits, frac_bits_for_max, max_abs, stats_of_values
+from fxpsweep.calibration import TensorStats, choose_frac_bits, frac_bits_for_max, frac_bits_per_row, max_abs
 from fxpsweep.errors import ConfigError
 from fxpsweep.fixedpoint import QFormat
 from fxpsweep.ops import Dequantize, FixedAdd, FixedAvgPool, FixedCat, FixedClamp, FixedDot, FixedInput, FixedOp
@@ -237,39 +238,58 @@ class QuantizedNetwork(nn.Module):
         return observer.result()
 
     @torch.no_grad()
-    def calibrate(self, stats: dict[str, TensorStats] | Iterable[torch.Tensor]) -> None:
-        """Fix every format from ``stats`` (see ``observe``), or from batches observed now."""
+    def calibrate(self, batches: Iterable[torch.Tensor], stats: dict[str, TensorStats] | None = None) -> None:
+        """Fix every format from ``stats`` (see ``observe``; gathered from ``batches`` when None).
+
+        With ``settings.bias_correction`` the calibration batches, joined into
+        one, then run once through the fixed-point network, and every
+        conv/linear bias is corrected on the way (see ``_BiasCorrection``).
+        """
         if self.calibrated:
             raise RuntimeError("a QuantizedNetwork is calibrated once; build a new one for new images")
-        if not isinstance(stats, dict):
-            stats = self.observe(stats)
+        batches = list(batches)
+        if stats is None:
+            stats = self.observe(batches, self.settings.seed)
+        float_means = self._dot_output_means(torch.cat(batches)) if self.settings.bias_correction and batches else None
         self._finalize(stats)
+        if float_means is not None:
+            _BiasCorrection(self, float_means).run(torch.cat(batches))
+            for op in self.ops:
+                op.reset_counts()  # overflow counts are "since calibration"
         self.calibrated = True
 
-    def _weight_formats(self, op: FixedDot, input_frac: int) -> tuple[list[QFormat], QFormat | None]:
-        """Weight formats (per tensor or per output channel, by the weight method) and the bias format.
+    def _dot_output_means(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-channel mean of every conv/linear output of the float network on ``images`` (see ``output_means``)."""
+        means: dict[str, torch.Tensor] = {}
+        hooks = [
+            op.register_forward_hook(lambda op, _inputs, out: means.__setitem__(op.name, output_means(op, out)))
+            for op in self.ops
+            if isinstance(op, FixedDot)
+        ]
+        try:
+            self.graph_module(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return means
 
-        The bias gets the max rule (a handful of values, each added once: none
-        should overflow), but never a finer LSB than the accumulator's
-        (``input_frac + weight F``): like an int32 bias at the accumulator's
-        scale in deployed integer kernels.
-        """
+    def _weight_formats(self, op: FixedDot) -> list[QFormat]:
+        """Weight formats, one per output channel (all equal per tensor), F chosen by the weight method."""
         s = self.settings
-
-        def fmt(values: torch.Tensor) -> QFormat:
-            stats = stats_of_values(values)
-            f = choose_frac_bits(s.weight_calibration, stats, s.param_bits, s.rounding, s.overflow, s.overflow_rate)
-            return s.parameter_format(f)
-
         weight = op.module.weight.detach()
-        if s.weight_granularity == "channel":
-            weight_fmts = [fmt(weight[c]) for c in range(weight.shape[0])]
-        else:
-            weight_fmts = [fmt(weight)] * weight.shape[0]
-        if op.module.bias is None:
-            return weight_fmts, None
-        acc_frac = input_frac + min(f.frac_bits for f in weight_fmts)
-        return weight_fmts, s.bias_format(min(frac_bits_for_max(max_abs(op.module.bias), s.bias_bits), acc_frac))
+        rows = weight.reshape(len(weight), -1) if s.weight_granularity == "channel" else weight.reshape(1, -1)
+        frac_bits = frac_bits_per_row(rows, s.weight_calibration, s.param_bits, s.rounding, s.overflow, s.overflow_rate)
+        if s.weight_granularity != "channel":
+            frac_bits = frac_bits * len(weight)
+        return [s.parameter_format(f) for f in frac_bits]
+
+    def _bias_format(self, bias: torch.Tensor | None, acc_frac: int) -> QFormat | None:
+        """The bias format: the max rule (a handful of values, each added once: none should
+        overflow), but never a finer LSB than the accumulator's (``acc_frac``, input F + weight F):
+        like an int32 bias at the accumulator's scale in deployed integer kernels."""
+        if bias is None:
+            return None
+        return self.settings.bias_format(min(frac_bits_for_max(max_abs(bias), self.settings.bias_bits), acc_frac))
 
     def _finalize(self, stats: dict[str, TensorStats]) -> None:
         s = self.settings
@@ -302,7 +322,9 @@ class QuantizedNetwork(nn.Module):
                 frac_bits = choose_frac_bits(s.act_calibration, stats[key], s.fwd_bits, s.rounding, s.overflow, s.overflow_rate)
                 out_fmt = s.activation_format(frac_bits)
             if isinstance(op, FixedDot):
-                op.set_parameter_formats(*self._weight_formats(op, in_fmts[0].frac_bits))
+                weight_fmts = self._weight_formats(op)
+                acc_frac = in_fmts[0].frac_bits + min(f.frac_bits for f in weight_fmts)
+                op.set_parameter_formats(weight_fmts, self._bias_format(op.module.bias, acc_frac))
             op.finalize(out_fmt, in_fmts, s, self.ops.index(op))
             formats[node.name] = out_fmt
 
@@ -324,3 +346,46 @@ class QuantizedNetwork(nn.Module):
         if not self.calibrated:
             raise RuntimeError("QuantizedNetwork.calibrate() must run before inference")
         return self.graph_module(x)
+
+
+def output_means(op: FixedOp, out: torch.Tensor) -> torch.Tensor:
+    """Mean real value per channel (dim 1) of ``op``'s output: float values, or codes once finalized.
+
+    Of what the ReLU passes where only a ReLU reads the output: the error that
+    matters downstream is the error after the ReLU.
+    """
+    values = out.double() * 2.0**-op.out_fmt.frac_bits if op.out_fmt is not None else out.double()
+    if op.only_relu_reads:
+        values = values.clamp(min=0)
+    return values.transpose(0, 1).reshape(values.shape[1], -1).mean(1)
+
+
+class _BiasCorrection(torch.fx.Interpreter):
+    """Empirical bias correction (Nagel et al. 2019, "Data-Free Quantization", section 4.2).
+
+    Rounding weights shifts the mean of a layer's output (the rounding errors
+    of a channel's weights need not cancel), and later layers add shifts of
+    their own. One run of the fixed-point network on the calibration images,
+    in graph order: each conv/linear, when reached, subtracts from its float
+    bias the mean error of its output per channel against the float network's,
+    is rounded again and rerun, so every later layer sees and corrects from
+    already corrected inputs. Layers without a bias are left as they are.
+    """
+
+    def __init__(self, network: QuantizedNetwork, float_means: dict[str, torch.Tensor]) -> None:
+        super().__init__(network.graph_module)
+        self.network = network
+        self.float_means = float_means
+
+    def call_module(self, target, args, kwargs):
+        out = super().call_module(target, args, kwargs)
+        op = self.fetch_attr(target)
+        if not isinstance(op, FixedDot) or op.module.bias is None or op.name not in self.float_means:
+            return out
+        error = output_means(op, out) - self.float_means[op.name]
+        op.module.bias -= error.to(op.module.bias)
+        # The bias changed: its format (max rule) may too; the kernel is rebuilt for the new codes.
+        acc_frac = op.in_fmts[0].frac_bits + min(f.frac_bits for f in op.weight_fmts)
+        op.set_parameter_formats(op.weight_fmts, self.network._bias_format(op.module.bias, acc_frac))
+        op.finalize(op.out_fmt, op.in_fmts, self.network.settings, self.network.ops.index(op))
+        return super().call_module(target, args, kwargs)

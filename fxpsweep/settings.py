@@ -33,7 +33,9 @@ class QuantSettings:
     ``act_calibration`` / ``weight_calibration``: how F is chosen (see
     ``calibration``), weights ``per tensor`` or ``per channel``
     (``weight_granularity``); ``overflow_rate``: the fraction the
-    ``overflow_rate`` method lets saturate. ``seed``: seeds stochastic rounding.
+    ``overflow_rate`` method lets saturate. ``bias_correction``: shift every
+    conv/linear bias by the mean error of its output on the calibration images
+    (see ``QuantizedNetwork.calibrate``). ``seed``: seeds stochastic rounding.
     """
 
     param_bits: int
@@ -50,6 +52,7 @@ class QuantSettings:
     weight_calibration: str = "mse"
     weight_granularity: str = "channel"
     overflow_rate: float = 0.0
+    bias_correction: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,6 +73,8 @@ class QuantSettings:
         _check_choice("calibration.granularity", self.weight_granularity, GRANULARITIES)
         if not (isinstance(self.overflow_rate, (int, float)) and 0.0 <= self.overflow_rate < 1.0):
             raise ConfigError(f"calibration.overflow_rate={self.overflow_rate!r} must be a fraction in [0, 1)")
+        if not isinstance(self.bias_correction, bool):
+            raise ConfigError(f"calibration.bias_correction={self.bias_correction!r} must be true or false")
 
     def activation_format(self, frac_bits: int) -> QFormat:
         return QFormat(self.fwd_bits, frac_bits, self.rounding, self.overflow)

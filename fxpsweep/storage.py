@@ -28,8 +28,12 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -38,6 +42,31 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def fetch_file(path: str | Path, url: str | None, how_else: str) -> Path:
+    """``path``, downloaded from ``url`` first where it is missing.
+
+    torch.hub downloads to a temporary file and renames it (a killed download
+    leaves no partial file), shows progress, and checks the sha256 prefix that
+    names such as ``resnet18-f37072fd.pth`` carry. ``how_else`` tells the user
+    how to provide the file another way.
+    """
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if not url:
+        raise ConfigError(f"{path} does not exist and no download URL is configured; {how_else}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    match = torch.hub.HASH_REGEX.search(path.name)
+    try:
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=match.group(1) if match else None, progress=True)
+    except Exception as err:  # URLError, HTTPError, hash mismatch, disk full: all mean "not here"
+        raise ConfigError(
+            f"{path} is missing and could not be downloaded from {url} ({type(err).__name__}: {err}); "
+            f"on a machine without internet, download that URL elsewhere and copy the file to {path}; {how_else}"
+        ) from None
+    return path
 
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from conftest import REPO
 
 CONF = REPO / "conf"
-KINDS = ("digits", "imagenet", "cifar10")
+KINDS = ("digits", "imagenet", "cifar10", "cifar100")
 GROUPS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("model", "dataset", "device")}
 
 
@@ -36,8 +36,14 @@ def test_every_group_option_composes(choice: tuple[str, str, str]) -> None:
 
 
 def test_groups_are_the_documented_ones() -> None:
-    assert {"digits_cnn", "alexnet", "resnet50", "resnet20_cifar10", "mobilenet_v2_fused"} <= set(GROUPS["model"])
-    assert {"digits", "imagenet", "cifar10_test2000", "imagenet_val1300"} <= set(GROUPS["dataset"])
+    imagenet = ["alexnet", "vgg16", "vgg19", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+                "squeezenet_v0", "squeezenet_v1", "mobilenet_v2"]
+    cifar = [f"{arch}_cifar{n}" for arch in ("alexnet", "squeezenet_v1", "mobilenet_v2", "resnet18", "resnet50") for n in (10, 100)]
+    cifar_resnets = [f"resnet{depth}_cifar10" for depth in (20, 32, 44, 56, 110)]
+    assert set(GROUPS["model"]) == {"digits_cnn", "mobilenet_v2_fused", *imagenet, *cifar, *cifar_resnets}
+    assert set(GROUPS["dataset"]) == {
+        "digits", "imagenet", "imagenet_pkl", "cifar10", "cifar100", "cifar10_test2000", "imagenet_val1300"
+    }
     assert GROUPS["device"] == ["cpu", "cuda"]
 
 

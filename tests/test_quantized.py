@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,3 +92,28 @@ def test_inference_before_calibration_is_refused() -> None:
     net = QuantizedNetwork(nn.Sequential(nn.Conv2d(1, 2, 1)), QuantSettings(8, 8))
     with pytest.raises(RuntimeError, match="calibrate"):
         net(torch.zeros(1, 1, 2, 2))
+
+
+def _logit_mean_error(model: nn.Module, bias_correction: bool, images: torch.Tensor) -> tuple[QuantizedNetwork, float]:
+    # 4-bit weights shift the output means; 16-bit activations add little error of their own.
+    net = QuantizedNetwork(model, QuantSettings(param_bits=4, fwd_bits=16, bias_correction=bias_correction))
+    net.calibrate([images])
+    with torch.no_grad():
+        error = (net(images).float() - model(images)).mean(0)  # per class, over the calibration images
+    return net, float(error.abs().sum())
+
+
+def test_bias_correction_removes_the_mean_error_and_changes_only_biases() -> None:
+    model = _randomized(FunctionalResBlock())
+    untouched = copy.deepcopy(model.state_dict())
+    images = torch.randn(64, 3, 8, 8)
+    plain, plain_error = _logit_mean_error(model, False, images)
+    corrected, corrected_error = _logit_mean_error(model, True, images)
+    assert corrected_error < 0.01 * plain_error
+    for a, b in zip(plain.ops, corrected.ops):
+        if hasattr(a, "w_codes"):
+            assert a.weight_fmts == b.weight_fmts and torch.equal(a.w_codes, b.w_codes)
+    changed = [a.name for a, b in zip(plain.ops, corrected.ops) if hasattr(a, "bias_out") and not torch.equal(a.bias_out, b.bias_out)]
+    assert changed  # at least one bias moved
+    assert corrected.formats()[0].values == images.numel()  # counts start after calibration: one run of the images
+    assert all(torch.equal(v, untouched[k]) for k, v in model.state_dict().items())  # the user's model is not changed

@@ -7,28 +7,27 @@ strip (``module.`` from DataParallel) and the preprocessing; see the README.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 from torch import nn
 
 from fxpsweep.errors import ConfigError
 from fxpsweep.models import PretrainedModel
-from fxpsweep.storage import load_checkpoint
+from fxpsweep.storage import fetch_file, load_checkpoint
 
 
 def from_state_dict(
     architecture: nn.Module,
     path: str,
+    url: str | None = None,
     state_dict_key: str | None = None,
     strip_prefix: str | None = None,
     transform: Callable | None = None,
     published_top1: float | None = None,
+    missing_hint: str = "set the model's checkpoint to the state dict file",
 ) -> PretrainedModel:
-    """``architecture`` with the weights of the checkpoint at ``path``, loaded strictly."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist; set the model's build.path to the state dict file")
+    """``architecture`` with the weights of the checkpoint at ``path`` (downloaded from ``url`` if missing), loaded strictly."""
+    file = fetch_file(path, url, missing_hint)
     state = load_checkpoint(file)
     if state_dict_key:
         if not isinstance(state, dict) or state_dict_key not in state:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 import torchvision
+from torchvision import transforms
 
 from fxpsweep.errors import ConfigError
 from fxpsweep.models import PretrainedModel
-from fxpsweep.storage import load_checkpoint
+from fxpsweep.storage import fetch_file, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +43,24 @@ def checkpoint_file(weights: torchvision.models.WeightsEnum) -> Path:
 
 def fetch_state_dict(weights: torchvision.models.WeightsEnum) -> dict[str, torch.Tensor]:
     """The state dict of ``weights``: from the hub cache, else downloaded (hash-checked) into it."""
-    path = checkpoint_file(weights)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        match = torch.hub.HASH_REGEX.search(path.name)
-        try:
-            torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=match.group(1) if match else None)
-        except Exception as err:  # URLError, HTTPError, hash mismatch, disk full: all mean "not here"
-            raise ConfigError(
-                f"the weights file {path} is missing and could not be downloaded from {weights.url} "
-                f"({type(err).__name__}: {err}). On a machine without internet, download that URL elsewhere "
-                f"and copy the file to {path} (the folder follows TORCH_HOME)"
-            ) from None
+    path = fetch_file(checkpoint_file(weights), weights.url, "the folder follows TORCH_HOME")
     return load_checkpoint(path)
+
+
+def imagenet_transform(weights: torchvision.models.WeightsEnum) -> transforms.Compose:
+    """The preprocessing published with ``weights``, as a Compose of its steps.
+
+    The same arithmetic as ``weights.transforms()`` (resize, centre crop, to
+    [0, 1], normalize), but written as separate steps so that the image cache
+    can keep the cropped uint8 images and apply only the tensor steps.
+    """
+    preset = weights.transforms()
+    return transforms.Compose([
+        transforms.Resize(preset.resize_size, interpolation=preset.interpolation, antialias=preset.antialias),
+        transforms.CenterCrop(preset.crop_size),
+        transforms.ToTensor(),
+        transforms.Normalize(preset.mean, preset.std),
+    ])
 
 
 def pretrained(arch: str, weights: str) -> PretrainedModel:
@@ -72,7 +78,7 @@ def pretrained(arch: str, weights: str) -> PretrainedModel:
         "published_top1": metrics.get("acc@1"),
         "published_top5": metrics.get("acc@5"),
     }
-    return PretrainedModel(model.eval(), member.transforms(), meta)
+    return PretrainedModel(model.eval(), imagenet_transform(member), meta)
 
 
 def mobilenet_v2_without_batchnorm() -> torch.nn.Module:
