@@ -1,4 +1,10 @@
-"""fxpsweep's Hydra entry point: ``python run.py [-m] [model=...] [dataset=...] [bits=...]``."""
+"""fxpsweep's Hydra entry point: ``python run.py [-m] [model=...] [dataset=...] [bits=...]``.
+
+Each job's folder is named by its overrides (in a sweep). A job whose folder
+holds a result made with the same config is skipped, so re-running a sweep
+finishes only what is missing; ``dry_run=true`` lists every job of the sweep
+and whether it is done, failed, incomplete or new, running nothing.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +16,44 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from fxpsweep import jobdir
 from fxpsweep.aggregate import accuracy_table, load_results
 from fxpsweep.errors import ConfigError
-from fxpsweep.job import run_job
+from fxpsweep.job import job_identity, plain_config, run_job
 
 log = logging.getLogger("fxpsweep")
 
 
+class JobFailed(RuntimeError):
+    """A job of a sweep stopped on a configuration error; the other jobs go on."""
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig) -> dict | None:
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    name = hydra_cfg.job.override_dirname or "(no overrides)"
+    if cfg.dry_run:
+        print(f"{jobdir.status(output_dir):>10}  {name}  ({output_dir})")
+        return None
+    done = jobdir.finished_result(output_dir, plain_config(cfg))
+    if done is not None:
+        log.info("already done, skipped: %s (%s)", name, output_dir)
+        return done
+
+    identity = job_identity(cfg)
+    jobdir.mark_started(output_dir, identity)
     try:
         result = run_job(cfg, output_dir, Path(hydra_cfg.sweep.dir) if multirun else output_dir)
-    except ConfigError as err:
-        # A user's mistake: say what is wrong and what is allowed, without a traceback.
-        raise SystemExit(f"fxpsweep: error: {err}") from None
+    except BaseException as err:  # Ctrl-C and SystemExit too: the folder says it failed
+        jobdir.record_failure(output_dir, identity, err)
+        if isinstance(err, ConfigError):
+            # A user's mistake: say what is wrong and what is allowed, without a traceback.
+            if multirun:
+                raise JobFailed(f"{name}: {err}") from None
+            raise SystemExit(f"fxpsweep: error: {err}") from None
+        raise
     log.info(
         "%s on %s, %d-bit weights, %d-bit activations: float %.2f/%.2f, fixed point %.2f/%.2f (top-1/top-5 %%, %d images)",
         result["model"], result["dataset"], result["param_bits"], result["fwd_bits"],

@@ -18,6 +18,7 @@ import fxpsweep
 from fxpsweep.errors import ConfigError
 from fxpsweep.evaluate import evaluate_pair
 from fxpsweep.fixedpoint import check_bits
+from fxpsweep.jobdir import RESULT_FILE
 from fxpsweep.models import PretrainedModel
 from fxpsweep.preprocess import prepare
 from fxpsweep.quantized import QuantizedNetwork
@@ -28,7 +29,6 @@ from fxpsweep.storage import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
 FORMATS_FILE = "formats.json"
 LAYERS_FILE = "layers.md"
 ACC_LINES_FILE = "acc1_acc5.txt"
@@ -55,6 +55,40 @@ def quant_settings(cfg: DictConfig) -> QuantSettings:
         bias_correction=cfg.calibration.bias_correction,
         seed=cfg.seed,
     )
+
+
+def job_identity(cfg: DictConfig) -> dict[str, Any]:
+    """What a job is, from its config alone: the fields that name its row and column in the table."""
+    return {
+        "model": cfg.model.name,
+        "dataset": cfg.dataset.name,
+        "bits": cfg.bits,
+        "param_bits": cfg.param_bits,
+        "fwd_bits": cfg.fwd_bits,
+        "bias_bits": cfg.bias_bits,
+        "rounding": cfg.rounding,
+        "overflow": cfg.overflow,
+        "arithmetic": cfg.arithmetic,
+        "acc_bits": cfg.acc_bits,
+        "acc_overflow": cfg.acc_overflow,
+        "product_bits": cfg.product_bits,
+        "batchnorm": cfg.batchnorm,
+        "act_calibration": cfg.calibration.activations,
+        "weight_calibration": cfg.calibration.weights,
+        "weight_granularity": cfg.calibration.granularity,
+        "overflow_rate": cfg.calibration.overflow_rate,
+        "bias_correction": cfg.calibration.bias_correction,
+        "n_samples": cfg.n_samples,
+        "eval_limit": cfg.eval_limit,
+        "eval_subset": cfg.eval_subset,
+        "seed": cfg.seed,
+        "config": plain_config(cfg),
+    }
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The job's resolved config as plain data (what ``result.json`` stores and reruns compare)."""
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -129,28 +163,9 @@ def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str,
     layers = layer_table(formats, _layer_sqnr(model, settings, quant_model, splits.evaluation, cfg, device))
 
     result = {
-        "model": cfg.model.name,
-        "dataset": cfg.dataset.name,
-        "bits": cfg.bits,
-        "param_bits": settings.param_bits,
-        "fwd_bits": settings.fwd_bits,
-        "bias_bits": settings.bias_bits,
-        "rounding": settings.rounding,
-        "overflow": settings.overflow,
-        "arithmetic": settings.arithmetic,
-        "acc_bits": settings.acc_bits,
-        "acc_overflow": settings.acc_overflow,
-        "product_bits": settings.product_bits,
-        "batchnorm": settings.batchnorm,
-        "n_samples": len(splits.calibration),
+        **job_identity(cfg),
         "calibration_images": splits.calibration_source,
         "calibration_stats": stats_source,
-        "act_calibration": settings.act_calibration,
-        "weight_calibration": settings.weight_calibration,
-        "weight_granularity": settings.weight_granularity,
-        "overflow_rate": settings.overflow_rate,
-        "bias_correction": settings.bias_correction,
-        "eval_subset": cfg.eval_subset,
         "n_eval": float_acc.n_images,
         "float_top1": float_acc.top1,
         "float_top5": float_acc.top5,
@@ -158,12 +173,10 @@ def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str,
         "quant_top5": quant_acc.top5,
         "published_top1": model.meta.get("published_top1"),
         "published_top5": model.meta.get("published_top5"),
-        "seed": cfg.seed,
         "device": str(device),
         "seconds": round(time.perf_counter() - started, 3),
         "fxpsweep_version": fxpsweep.__version__,
         "torch_version": torch.__version__,
-        "config": OmegaConf.to_container(cfg, resolve=True),
     }
     # The formats and report first, the result last: a result file means the whole job finished.
     atomic_write_json(output_dir / FORMATS_FILE, [dataclasses.asdict(f) for f in formats])
