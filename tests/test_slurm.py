@@ -37,9 +37,14 @@ def test_sweep_runs_as_slurm_jobs_and_a_rerun_runs_none(run_app, tmp_path) -> No
     table = pd.read_csv(tmp_path / "bits_vs_accuracy.csv", dtype=str)
     assert list(table.columns)[-2:] == ["4", "8"] and all("/" in table.loc[0, c] for c in ("float", "4", "8"))
     job_ids = sorted(p.name for p in (tmp_path / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
-    states = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", job_ids[0].split("_")[0]],
-                            capture_output=True, text=True, check=True).stdout.split()
-    assert len(states) == 2 and all(s.endswith("|COMPLETED") for s in states)  # two array tasks, both ran on SLURM
+    deadline = time.monotonic() + 60  # accounting records a job's end a moment after the job ends
+    while True:
+        states = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", job_ids[0].split("_")[0]],
+                                capture_output=True, text=True, check=True).stdout.split()
+        if all(s.endswith("|COMPLETED") for s in states) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(states) == 2 and all(s.endswith("|COMPLETED") for s in states), states  # two array tasks ran on SLURM
 
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("result.json")}
     proc = run_app(*SLURM, "bits=4,8", f"hydra.sweep.dir={tmp_path}", timeout=600)
