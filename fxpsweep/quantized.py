@@ -250,10 +250,11 @@ class QuantizedNetwork(nn.Module):
         batches = list(batches)
         if stats is None:
             stats = self.observe(batches, self.settings.seed)
-        float_means = self._dot_output_means(torch.cat(batches)) if self.settings.bias_correction and batches else None
+        images = torch.cat(batches) if self.settings.bias_correction and batches else None
+        float_means = self._dot_output_means(images) if images is not None else None
         self._finalize(stats)
         if float_means is not None:
-            _BiasCorrection(self, float_means).run(torch.cat(batches))
+            _BiasCorrection(self, float_means).run(images)
             for op in self.ops:
                 op.reset_counts()  # overflow counts are "since calibration"
         self.calibrated = True
