@@ -16,10 +16,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from fxpsweep import jobdir
-from fxpsweep.aggregate import accuracy_table, load_results
+from fxpsweep.sweep import jobdir
+from fxpsweep.sweep.aggregate import accuracy_table, load_results
 from fxpsweep.errors import ConfigError
-from fxpsweep.job import job_identity, plain_config, run_job
+from fxpsweep.sweep.job import job_identity, plain_config, run_job
 
 log = logging.getLogger("fxpsweep")
 

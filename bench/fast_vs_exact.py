@@ -16,11 +16,11 @@ import argparse
 import torch
 from torch import nn
 
-from fxpsweep.data import split_digits
-from fxpsweep.evaluate import TopKCounter
+from fxpsweep.data.splits import split_digits
+from fxpsweep.sweep.evaluate import TopKCounter
 from fxpsweep.models.digits_cnn import pretrained_digits_cnn
-from fxpsweep.quantized import QuantizedNetwork
-from fxpsweep.settings import QuantSettings
+from fxpsweep.engine.network import QuantizedNetwork
+from fxpsweep.engine.settings import QuantSettings
 from throughput import random_model  # same weights as the throughput benchmark
 
 

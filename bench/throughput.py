@@ -23,9 +23,9 @@ import torchvision
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from fxpsweep.ops import FixedDot
-from fxpsweep.quantized import QuantizedNetwork
-from fxpsweep.settings import QuantSettings
+from fxpsweep.engine.ops import FixedDot
+from fxpsweep.engine.network import QuantizedNetwork
+from fxpsweep.engine.settings import QuantSettings
 
 
 def random_model(arch: str) -> nn.Module:

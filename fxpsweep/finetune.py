@@ -25,12 +25,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 from tqdm import tqdm
 
-from fxpsweep.data import cifar_images
+from fxpsweep.data.splits import cifar_images
 from fxpsweep.errors import ConfigError
-from fxpsweep.evaluate import TopKCounter
+from fxpsweep.sweep.evaluate import TopKCounter
 from fxpsweep.models.cifar_transfer import cifar_transform, imagenet_initialised
-from fxpsweep.preprocess import Transformed
-from fxpsweep.storage import atomic_torch_save
+from fxpsweep.data.preprocess import Transformed
+from fxpsweep.sweep.storage import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def top1(model: nn.Module, images: Dataset, batch_size: int, device: torch.devic
 
 def finetune(cfg: DictConfig) -> float:
     """Fine-tune ``cfg.model`` on ``cfg.dataset``, save it to the model's checkpoint, return its test top-1."""
-    from fxpsweep.job import resolve_device
+    from fxpsweep.sweep.job import resolve_device
 
     if "arch" not in cfg.model or "num_classes" not in cfg.model:
         raise ConfigError(f"model={cfg.model.name} is not a CIFAR transfer model (*_cifar10 / *_cifar100 of a torchvision arch)")

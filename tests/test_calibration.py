@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxpsweep.calibration import TensorStats, choose_frac_bits, frac_bits_for_max
+from fxpsweep.engine.calibration import TensorStats, choose_frac_bits, frac_bits_for_max
 from fxpsweep.errors import ConfigError
 
 

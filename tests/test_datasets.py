@@ -13,10 +13,10 @@ import torch
 import torchvision
 from PIL import Image
 
-from fxpsweep.data import split_cifar, split_imagenet_folder, split_jpeg_pickle
+from fxpsweep.data.splits import split_cifar, split_imagenet_folder, split_jpeg_pickle
 from fxpsweep.errors import ConfigError
 from fxpsweep.models.cifar_transfer import cifar_transform
-from fxpsweep.preprocess import CachedImages, prepare
+from fxpsweep.data.preprocess import CachedImages, prepare
 from test_torchvision_offline import make_imagenet_folder
 
 RESNET_TRANSFORM = torchvision.transforms.Compose([

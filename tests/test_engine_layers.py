@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import integer_reference as ref
-from fxpsweep.fixedpoint import QFormat
-from fxpsweep.ops import FixedAdd, FixedAvgPool, FixedCat, FixedDot
-from fxpsweep.settings import QuantSettings
+from fxpsweep.engine.fixedpoint import QFormat
+from fxpsweep.engine.ops import FixedAdd, FixedAvgPool, FixedCat, FixedDot
+from fxpsweep.engine.settings import QuantSettings
 
 ROUNDINGS = ["nearest_even", "nearest_up", "nearest_away", "floor", "toward_zero"]
 KERNELS_SEEN: set[str] = set()

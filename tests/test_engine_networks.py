@@ -14,9 +14,9 @@ import torchvision
 from torch import nn
 
 import integer_reference as ref
-from fxpsweep.ops import FixedAdd, FixedAvgPool, FixedCat, FixedClamp, FixedDot, FixedInput
-from fxpsweep.quantized import QuantizedNetwork
-from fxpsweep.settings import QuantSettings
+from fxpsweep.engine.ops import FixedAdd, FixedAvgPool, FixedCat, FixedClamp, FixedDot, FixedInput
+from fxpsweep.engine.network import QuantizedNetwork
+from fxpsweep.engine.settings import QuantSettings
 
 
 def random_network(arch: str) -> nn.Module:

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from conftest import REPO
 from fxpsweep import finetune
 from fxpsweep.errors import ConfigError
-from fxpsweep.job import build
+from fxpsweep.sweep.job import build
 from test_datasets import make_cifar
 from test_torchvision_offline import _save_random_weights
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxpsweep.errors import ConfigError
-from fxpsweep.fixedpoint import OVERFLOW_MODES, ROUNDING_MODES, quantize, quantize_codes
+from fxpsweep.engine.fixedpoint import OVERFLOW_MODES, ROUNDING_MODES, quantize, quantize_codes
 from integer_reference import quantize_code
 
 TIES = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5])

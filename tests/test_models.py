@@ -19,10 +19,10 @@ from hydra.utils import instantiate
 
 from conftest import REPO
 from fxpsweep.errors import ConfigError
-from fxpsweep.job import build
+from fxpsweep.sweep.job import build
 from fxpsweep.models import torchvision_zoo
-from fxpsweep.quantized import QuantizedNetwork
-from fxpsweep.settings import QuantSettings
+from fxpsweep.engine.network import QuantizedNetwork
+from fxpsweep.engine.settings import QuantSettings
 
 MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml") if p.stem not in ("digits_cnn", "mobilenet_v2_fused"))
 CLASSES = {"imagenet": 1000, "cifar10": 10, "cifar100": 100}

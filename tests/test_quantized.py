@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpsweep.errors import ConfigError
-from fxpsweep.quantized import QuantizedNetwork
-from fxpsweep.settings import QuantSettings
+from fxpsweep.engine.network import QuantizedNetwork
+from fxpsweep.engine.settings import QuantSettings
 
 
 class FunctionalResBlock(nn.Module):

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO
-from fxpsweep import aggregate
+from fxpsweep.sweep import aggregate
 
 CLUSTER = bool(os.environ.get("SLURM_CONF")) and shutil.which("sbatch") is not None
 pytestmark = pytest.mark.skipif(

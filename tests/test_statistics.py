@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fxpsweep import statistics
-from fxpsweep.calibration import TensorStats
+from fxpsweep.engine import statistics
+from fxpsweep.engine.calibration import TensorStats
 
 
 def test_statistics_are_gathered_once_per_identity(tmp_path, monkeypatch) -> None:

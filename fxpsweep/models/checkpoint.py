@@ -13,7 +13,7 @@ from torch import nn
 
 from fxpsweep.errors import ConfigError
 from fxpsweep.models import PretrainedModel
-from fxpsweep.storage import fetch_file, load_checkpoint
+from fxpsweep.sweep.storage import fetch_file, load_checkpoint
 
 
 def from_state_dict(

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fxpsweep.data import digits_splits
+from fxpsweep.data.splits import digits_splits
 from fxpsweep.models import PretrainedModel
-from fxpsweep.storage import atomic_torch_save, load_checkpoint
+from fxpsweep.sweep.storage import atomic_torch_save, load_checkpoint
 
 log = logging.getLogger(__name__)
 

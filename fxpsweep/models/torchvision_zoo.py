@@ -17,7 +17,7 @@ from torchvision import transforms
 
 from fxpsweep.errors import ConfigError
 from fxpsweep.models import PretrainedModel
-from fxpsweep.storage import fetch_file, load_checkpoint
+from fxpsweep.sweep.storage import fetch_file, load_checkpoint
 
 log = logging.getLogger(__name__)
 

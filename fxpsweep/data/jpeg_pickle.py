@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from fxpsweep.errors import ConfigError
-from fxpsweep.storage import atomic_write_bytes
+from fxpsweep.sweep.storage import atomic_write_bytes
 
 # Opcodes that carry a byte string, and the size of their header (opcode byte + length field).
 BYTES_HEADERS = {"SHORT_BINSTRING": 2, "BINSTRING": 5, "SHORT_BINBYTES": 2, "BINBYTES": 5, "BINBYTES8": 9}

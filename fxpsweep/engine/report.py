@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import pandas as pd
 import torch
 
-from fxpsweep.quantized import QuantizedNetwork, TensorFormat
+from fxpsweep.engine.network import QuantizedNetwork, TensorFormat
 
 
 @torch.no_grad()

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxpsweep import kernels
+from fxpsweep.engine import kernels
 from fxpsweep.errors import ConfigError
-from fxpsweep.fixedpoint import QFormat, apply_overflow, divide_and_round, quantize_codes, round_and_overflow
-from fxpsweep.settings import QuantSettings
-from fxpsweep.statistics import RELU_SUFFIX, StatsObserver
+from fxpsweep.engine.fixedpoint import QFormat, apply_overflow, divide_and_round, quantize_codes, round_and_overflow
+from fxpsweep.engine.settings import QuantSettings
+from fxpsweep.engine.statistics import RELU_SUFFIX, StatsObserver
 
 
 def code_dtype(fmt: QFormat) -> torch.dtype:

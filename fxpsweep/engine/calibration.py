@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from fxpsweep.errors import ConfigError
-from fxpsweep.fixedpoint import quantize
+from fxpsweep.engine.fixedpoint import quantize
 
 METHODS = ("max", "overflow_rate", "mse")
 GRANULARITIES = ("tensor", "channel")

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from fxpsweep.calibration import TensorStats
-from fxpsweep.storage import atomic_torch_save
+from fxpsweep.engine.calibration import TensorStats
+from fxpsweep.sweep.storage import atomic_torch_save
 
 log = logging.getLogger(__name__)
 

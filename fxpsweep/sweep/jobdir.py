@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from fxpsweep.storage import atomic_write_json
+from fxpsweep.sweep.storage import atomic_write_json
 
 JOB_FILE = "job.json"
 RESULT_FILE = "result.json"

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from fxpsweep.data import DataSplits
+from fxpsweep.data.splits import DataSplits
 
 log = logging.getLogger(__name__)
 

@@ -16,16 +16,16 @@ from torch.utils.data import DataLoader, Subset
 
 import fxpsweep
 from fxpsweep.errors import ConfigError
-from fxpsweep.evaluate import evaluate_pair
-from fxpsweep.fixedpoint import check_bits
-from fxpsweep.jobdir import RESULT_FILE
+from fxpsweep.sweep.evaluate import evaluate_pair
+from fxpsweep.engine.fixedpoint import check_bits
+from fxpsweep.sweep.jobdir import RESULT_FILE
 from fxpsweep.models import PretrainedModel
-from fxpsweep.preprocess import prepare
-from fxpsweep.quantized import QuantizedNetwork
-from fxpsweep.settings import QuantSettings
-from fxpsweep.report import layer_sqnr, layer_table
-from fxpsweep.statistics import cached_stats, weights_fingerprint
-from fxpsweep.storage import atomic_write_json, atomic_write_text
+from fxpsweep.data.preprocess import prepare
+from fxpsweep.engine.network import QuantizedNetwork
+from fxpsweep.engine.settings import QuantSettings
+from fxpsweep.engine.report import layer_sqnr, layer_table
+from fxpsweep.engine.statistics import cached_stats, weights_fingerprint
+from fxpsweep.sweep.storage import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from fxpsweep.calibration import TensorStats, choose_frac_bits, frac_bits_for_max, frac_bits_per_row, max_abs
+from fxpsweep.engine.calibration import TensorStats, choose_frac_bits, frac_bits_for_max, frac_bits_per_row, max_abs
 from fxpsweep.errors import ConfigError
-from fxpsweep.fixedpoint import QFormat
-from fxpsweep.ops import Dequantize, FixedAdd, FixedAvgPool, FixedCat, FixedClamp, FixedDot, FixedInput, FixedOp
-from fxpsweep.settings import QuantSettings
-from fxpsweep.statistics import RELU_SUFFIX, StatsObserver
+from fxpsweep.engine.fixedpoint import QFormat
+from fxpsweep.engine.ops import Dequantize, FixedAdd, FixedAvgPool, FixedCat, FixedClamp, FixedDot, FixedInput, FixedOp
+from fxpsweep.engine.settings import QuantSettings
+from fxpsweep.engine.statistics import RELU_SUFFIX, StatsObserver
 
 # Operations that map grid values to grid values: they run on codes unchanged.
 EXACT_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)

@@ -9,7 +9,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from fxpsweep.aggregate import TABLE_STEM, write_tables
+from fxpsweep.sweep.aggregate import TABLE_STEM, write_tables
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 class AggregateOnSweepEnd(Callback):
     """After a multirun, write and print the bits-vs-accuracy table beside the sweep.
 
-    Hydra skips this when a job raised; ``python -m fxpsweep.aggregate DIR``
+    Hydra skips this when a job raised; ``python -m fxpsweep.sweep.aggregate DIR``
     makes the same table from any sweep folder afterwards.
     """
 

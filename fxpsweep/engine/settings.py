@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fxpsweep.calibration import GRANULARITIES, METHODS
+from fxpsweep.engine.calibration import GRANULARITIES, METHODS
 from fxpsweep.errors import ConfigError
-from fxpsweep.fixedpoint import OVERFLOW_MODES, ROUNDING_MODES, QFormat, check_bits
+from fxpsweep.engine.fixedpoint import OVERFLOW_MODES, ROUNDING_MODES, QFormat, check_bits
 
 ARITHMETIC_MODES = ("exact", "fast")
 BATCHNORM_MODES = ("fold", "keep")
@@ -25,7 +25,7 @@ class QuantSettings:
     than the accumulator's). ``fwd_bits``: activations (network input included). ``rounding`` / ``overflow``: the rule at every rounding
     point. ``acc_bits``: the conv/linear accumulator word (None: exact, as
     wide as needed) with ``acc_overflow`` ``wrap`` or ``saturate`` (after every
-    add, in the order ``fxpsweep.kernels`` states). ``product_bits``: round every
+    add, in the order ``fxpsweep.engine.kernels`` states). ``product_bits``: round every
     product into a word of this many bits before it is summed (None: exact).
     ``batchnorm``: ``fold`` into the preceding conv, or ``keep`` as a quantized
     per-channel multiply-add. ``arithmetic``: ``exact`` (bit-exact) or ``fast``

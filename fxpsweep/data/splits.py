@@ -265,8 +265,8 @@ def split_jpeg_pickle(
     The images are already 224x224 crops: only the tensor steps of a model's
     transform apply (``presized``), as in the original tool.
     """
-    from fxpsweep.jpeg_pickle import PickledJpegs
-    from fxpsweep.storage import fetch_file
+    from fxpsweep.data.jpeg_pickle import PickledJpegs
+    from fxpsweep.sweep.storage import fetch_file
 
     _check_counts(n_samples, eval_limit, eval_subset)
     if path is None:

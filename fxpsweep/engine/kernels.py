@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fxpsweep.fixedpoint import QFormat, apply_overflow, round_to_integer
+from fxpsweep.engine.fixedpoint import QFormat, apply_overflow, round_to_integer
 
 FLOAT32_EXACT = 2**24
 FLOAT64_EXACT = 2**53

@@ -1,0 +1,1 @@
+"""One job of a sweep, its folder and stored records, and the aggregation of results into tables."""
