@@ -16,9 +16,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from fxpsweep.errors import ConfigError
 from fxpsweep.sweep import jobdir
 from fxpsweep.sweep.aggregate import accuracy_table, load_results
-from fxpsweep.errors import ConfigError
+from fxpsweep.sweep.config import check_config
 from fxpsweep.sweep.job import job_identity, plain_config, run_job
 
 log = logging.getLogger("fxpsweep")
@@ -34,20 +35,21 @@ def main(cfg: DictConfig) -> dict | None:
     output_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     name = hydra_cfg.job.override_dirname or "(no overrides)"
-    if cfg.dry_run:
-        print(f"{jobdir.status(output_dir):>10}  {name}  ({output_dir})")
-        return None
-    done = jobdir.finished_result(output_dir, plain_config(cfg))
-    if done is not None:
-        log.info("already done, skipped: %s (%s)", name, output_dir)
-        return done
-
     identity = job_identity(cfg)
-    jobdir.mark_started(output_dir, identity)
     try:
+        check_config(cfg)  # every value, before anything runs or is written
+        if cfg.dry_run:
+            print(f"{jobdir.status(output_dir):>10}  {name}  ({output_dir})")
+            return None
+        done = jobdir.finished_result(output_dir, plain_config(cfg))
+        if done is not None:
+            log.info("already done, skipped: %s (%s)", name, output_dir)
+            return done
+        jobdir.mark_started(output_dir, identity)
         result = run_job(cfg, output_dir, Path(hydra_cfg.sweep.dir) if multirun else output_dir)
     except BaseException as err:  # Ctrl-C and SystemExit too: the folder says it failed
-        jobdir.record_failure(output_dir, identity, err)
+        if cfg.dry_run is not True:  # a dry run writes nothing
+            jobdir.record_failure(output_dir, identity, err)
         if isinstance(err, ConfigError):
             # A user's mistake: say what is wrong and what is allowed, without a traceback.
             if multirun:

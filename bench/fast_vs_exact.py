@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 
 import torch
+from throughput import random_model  # same weights as the throughput benchmark
 from torch import nn
 
 from fxpsweep.data.splits import split_digits
-from fxpsweep.sweep.evaluate import TopKCounter
-from fxpsweep.models.digits_cnn import pretrained_digits_cnn
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.settings import QuantSettings
-from throughput import random_model  # same weights as the throughput benchmark
+from fxpsweep.models.digits_cnn import pretrained_digits_cnn
+from fxpsweep.sweep.evaluate import TopKCounter
 
 
 @torch.no_grad()

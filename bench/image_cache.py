@@ -23,9 +23,9 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from fxpsweep.data.preprocess import prepare
 from fxpsweep.data.splits import split_image_list
 from fxpsweep.models.torchvision_zoo import imagenet_transform
-from fxpsweep.data.preprocess import prepare
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-val1300"
 

@@ -23,8 +23,8 @@ import torchvision
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from fxpsweep.engine.ops import FixedDot
 from fxpsweep.engine.network import QuantizedNetwork
+from fxpsweep.engine.ops import FixedDot
 from fxpsweep.engine.settings import QuantSettings
 
 

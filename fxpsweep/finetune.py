@@ -23,13 +23,13 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
-from tqdm import tqdm
 
+from fxpsweep.data.preprocess import Transformed
 from fxpsweep.data.splits import cifar_images
 from fxpsweep.errors import ConfigError
-from fxpsweep.sweep.evaluate import TopKCounter
 from fxpsweep.models.cifar_transfer import cifar_transform, imagenet_initialised
-from fxpsweep.data.preprocess import Transformed
+from fxpsweep.progress import progress
+from fxpsweep.sweep.evaluate import TopKCounter
 from fxpsweep.sweep.storage import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def train(model: nn.Module, images: Dataset, recipe: Recipe, device: torch.devic
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, recipe.epochs * len(loader)))
     model.to(device).train()
     for epoch in range(recipe.epochs):
-        for x, y in tqdm(loader, desc=f"fine-tuning, epoch {epoch + 1}/{recipe.epochs}", unit="batch"):
+        for x, y in progress(loader, desc=f"fine-tuning, epoch {epoch + 1}/{recipe.epochs}", unit="batch"):
             loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
             optimizer.zero_grad()
             loss.backward()
@@ -67,7 +67,7 @@ def train(model: nn.Module, images: Dataset, recipe: Recipe, device: torch.devic
 def top1(model: nn.Module, images: Dataset, batch_size: int, device: torch.device) -> float:
     """Top-1 accuracy of ``model`` in percent."""
     counter = TopKCounter()
-    for x, y in tqdm(DataLoader(images, batch_size=batch_size), desc="testing", unit="batch"):
+    for x, y in progress(DataLoader(images, batch_size=batch_size), desc="testing", unit="batch"):
         counter.update(model(x.to(device)), y.to(device))
     return counter.accuracy().top1
 

@@ -15,7 +15,7 @@ table() {  # table MARKER SWEEP_ARGS...
   "$python" -m fxpsweep.aggregate "$store/$marker" --readme README.md --marker "$marker"
 }
 
-table digits-table bits=4,5,6,8,10,12,16
+table digits-table bits=2,3,4,5,6,8,16
 cp "$store/digits-table/bits_vs_accuracy.png" docs/digits_bits_vs_accuracy.png
 if [ "${1:-}" = --real ]; then
   table resnet20-table model=resnet20_cifar10 dataset=cifar10_test2000 bits=4,5,6,8,10,12,16 calibration.bias_correction=true,false

@@ -1,4 +1,5 @@
-"""Every model option builds offline from a checkpoint where its config expects one, and runs at 8 bits.
+"""Every model option builds offline from a checkpoint where its config expects one, and runs at 8 bits;
+the embedded digits model ships its weights.
 
 ImageNet models: random weights saved under the file name torchvision
 downloads to, in a temporary TORCH_HOME. CIFAR models: random weights at the
@@ -7,6 +8,9 @@ config's checkpoint path, in the layout their real checkpoints have.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
 import urllib.error
 from pathlib import Path
 
@@ -18,11 +22,11 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from conftest import REPO
-from fxpsweep.errors import ConfigError
-from fxpsweep.sweep.job import build
-from fxpsweep.models import torchvision_zoo
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.settings import QuantSettings
+from fxpsweep.errors import ConfigError
+from fxpsweep.models import torchvision_zoo
+from fxpsweep.sweep.job import build
 
 MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml") if p.stem not in ("digits_cnn", "mobilenet_v2_fused"))
 CLASSES = {"imagenet": 1000, "cifar10": 10, "cifar100": 100}
@@ -122,3 +126,47 @@ def test_bring_your_own_strips_prefixes_and_finds_the_state_dict(tmp_path) -> No
     assert all(torch.equal(v, loaded.module.state_dict()[k]) for k, v in source.state_dict().items())
     with pytest.raises(ConfigError, match="missing"):
         from_state_dict(cifar_resnet(32), str(path), state_dict_key="model", strip_prefix="module.")
+
+
+def test_the_digits_model_ships_its_weights_and_trains_nothing(tmp_path) -> None:
+    from fxpsweep.models.digits_cnn import (
+        WEIGHTS_DIR,
+        TrainingRecipe,
+        file_sha256,
+        pretrained_digits_cnn,
+    )
+
+    recipe = TrainingRecipe()
+    shipped = WEIGHTS_DIR / f"digits_cnn-{recipe.key()}.pt"
+    record = json.loads(shipped.with_suffix(".json").read_text())
+    assert record["sha256"] == file_sha256(shipped) and record["recipe"] == dataclasses.asdict(recipe)
+    model = pretrained_digits_cnn(tmp_path)
+    assert model.meta["checkpoint"] == str(shipped) and not any(tmp_path.iterdir())
+
+
+def test_a_changed_recipe_trains_once_and_is_cached(tmp_path) -> None:
+    from fxpsweep.models.digits_cnn import TrainingRecipe, pretrained_digits_cnn
+
+    recipe = TrainingRecipe(epochs=1, width=4)
+    first = pretrained_digits_cnn(tmp_path, recipe)
+    path = Path(first.meta["checkpoint"])
+    assert path.parent == tmp_path and recipe.key() in path.name
+    stamp = path.stat().st_mtime_ns
+    again = pretrained_digits_cnn(tmp_path, recipe)
+    assert path.stat().st_mtime_ns == stamp
+    assert all(torch.equal(a, b) for a, b in zip(first.module.state_dict().values(), again.module.state_dict().values()))
+
+
+def test_damaged_shipped_weights_are_refused(tmp_path, monkeypatch) -> None:
+    from fxpsweep.models import digits_cnn
+
+    recipe = digits_cnn.TrainingRecipe()
+    name = f"digits_cnn-{recipe.key()}"
+    for suffix in (".pt", ".json"):
+        shutil.copy(digits_cnn.WEIGHTS_DIR / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+    data = bytearray((tmp_path / f"{name}.pt").read_bytes())
+    data[-100] ^= 1
+    (tmp_path / f"{name}.pt").write_bytes(bytes(data))
+    monkeypatch.setattr(digits_cnn, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="does not match the sha256"):
+        digits_cnn.pretrained_digits_cnn(tmp_path / "cache")

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from fxpsweep.errors import ConfigError
+from fxpsweep.progress import progress
 from fxpsweep.sweep.storage import atomic_write_bytes
 
 # Opcodes that carry a byte string, and the size of their header (opcode byte + length field).
@@ -35,7 +35,7 @@ def index_pickle(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     offsets, lengths, labels = [], [], []
     section = None
     size = path.stat().st_size
-    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"indexing {path.name}") as bar:
+    with open(path, "rb") as f, progress(total=size, unit="B", unit_scale=True, desc=f"indexing {path.name}") as bar:
         last = 0
         for opcode, arg, pos in pickletools.genops(f):
             if section == "data" and opcode.name in BYTES_HEADERS and len(arg) > 16:  # a JPEG, not a key

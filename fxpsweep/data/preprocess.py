@@ -24,9 +24,9 @@ from typing import Any, Callable
 import numpy as np
 from torch.utils.data import Dataset
 from torchvision import transforms
-from tqdm import tqdm
 
 from fxpsweep.data.splits import DataSplits
+from fxpsweep.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _fill_cache(images: Dataset, image_steps: Callable | None, folder: Path, des
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         data, labels = None, np.empty(len(images), np.int64)
-        for i in tqdm(range(len(images)), desc=desc, unit="image"):
+        for i in progress(range(len(images)), desc=desc, unit="image"):
             image, labels[i] = images[i]
             array = np.asarray(image_steps(image) if image_steps is not None else image)
             if array.dtype != np.uint8:

@@ -58,7 +58,7 @@ def _seeded_order(n: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _check_counts(n_samples: int, eval_limit: int | None, eval_subset: str = "first") -> None:
+def check_counts(n_samples: int, eval_limit: int | None, eval_subset: str = "first") -> None:
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ConfigError(f"n_samples={n_samples!r} must be a positive integer (number of calibration images)")
     if eval_limit is not None and (isinstance(eval_limit, bool) or not isinstance(eval_limit, int) or eval_limit < 1):
@@ -82,7 +82,7 @@ def _split_train_test(
     train: Dataset, test: Dataset, n_samples: int, eval_limit: int | None, eval_subset: str, seed: int, presized: bool = False
 ) -> DataSplits:
     """For a dataset with a training split: ``n_samples`` seeded training images calibrate, the test split evaluates."""
-    _check_counts(n_samples, eval_limit, eval_subset)
+    check_counts(n_samples, eval_limit, eval_subset)
     if n_samples > len(train):
         raise ConfigError(f"n_samples={n_samples} exceeds the {len(train)} training images")
     calibration = Subset(train, _seeded_order(len(train), seed)[:n_samples])
@@ -94,7 +94,7 @@ def _split_held_out(
     images: Dataset, n_samples: int, eval_limit: int | None, eval_subset: str, seed: int, presized: bool = False
 ) -> DataSplits:
     """For a dataset with one split: a seeded random slice calibrates, the rest (or eval_limit of it) evaluates."""
-    _check_counts(n_samples, eval_limit, eval_subset)
+    check_counts(n_samples, eval_limit, eval_subset)
     n = len(images)
     if n_samples >= n:
         raise ConfigError(f"n_samples={n_samples} leaves no evaluation image among the {n} images")
@@ -141,7 +141,7 @@ def split_imagenet_folder(
     root: str | None, n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first"
 ) -> DataSplits:
     """ImageNet validation folder (PIL images): a seeded slice of ``n_samples`` calibrates, the rest evaluates."""
-    _check_counts(n_samples, eval_limit, eval_subset)
+    check_counts(n_samples, eval_limit, eval_subset)
     return _split_held_out(imagenet_folder(root), n_samples, eval_limit, eval_subset, seed)
 
 
@@ -207,7 +207,7 @@ def _existing(path: str | None, key: str, what: str) -> Path:
 
 def split_npz(path: str | None, n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first") -> DataSplits:
     """One ``.npz`` split (see NpzImages): a seeded slice of ``n_samples`` calibrates, the rest evaluates."""
-    _check_counts(n_samples, eval_limit, eval_subset)
+    check_counts(n_samples, eval_limit, eval_subset)
     file = _existing(path, "dataset.path", "give an .npz file with arrays x (N, H, W, 3) uint8 and y")
     return _split_held_out(NpzImages(file), n_samples, eval_limit, eval_subset, seed)
 
@@ -216,7 +216,7 @@ def split_image_list(
     root: str | None, list_file: str, n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first"
 ) -> DataSplits:
     """A folder of images with a list file (see ImageList): a seeded slice calibrates, the rest evaluates."""
-    _check_counts(n_samples, eval_limit, eval_subset)
+    check_counts(n_samples, eval_limit, eval_subset)
     folder = _existing(root, "dataset.root", f"give the folder that holds {list_file} and the images it lists")
     if not (folder / list_file).is_file():
         raise ConfigError(f"dataset.root={root} has no {list_file} (lines 'relative/path.JPEG, LABEL')")
@@ -252,7 +252,7 @@ def split_cifar(
     classes: int, root: str, download: bool, n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first"
 ) -> DataSplits:
     """CIFAR-10/100 through torchvision: calibration from the 50000 training images, evaluation on the 10000 test images."""
-    _check_counts(n_samples, eval_limit, eval_subset)
+    check_counts(n_samples, eval_limit, eval_subset)
     train, test = cifar_images(classes, root, True, download), cifar_images(classes, root, False, download)
     return _split_train_test(train, test, n_samples, eval_limit, eval_subset, seed)
 
@@ -268,7 +268,7 @@ def split_jpeg_pickle(
     from fxpsweep.data.jpeg_pickle import PickledJpegs
     from fxpsweep.sweep.storage import fetch_file
 
-    _check_counts(n_samples, eval_limit, eval_subset)
+    check_counts(n_samples, eval_limit, eval_subset)
     if path is None:
         raise ConfigError("dataset.path is not set; give the val224_compressed.pkl file")
     file = fetch_file(path, url, "set dataset.path to the val224_compressed.pkl file")

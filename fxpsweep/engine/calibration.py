@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fxpsweep.errors import ConfigError
 from fxpsweep.engine.fixedpoint import quantize
+from fxpsweep.errors import ConfigError
 
 METHODS = ("max", "overflow_rate", "mse")
 GRANULARITIES = ("tensor", "channel")

@@ -23,9 +23,10 @@ not know raise an error rather than silently run in float.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +35,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from fxpsweep.engine.calibration import TensorStats, choose_frac_bits, frac_bits_for_max, frac_bits_per_row, max_abs
-from fxpsweep.errors import ConfigError
+from fxpsweep.engine.calibration import (
+    TensorStats,
+    choose_frac_bits,
+    frac_bits_for_max,
+    frac_bits_per_row,
+    max_abs,
+)
 from fxpsweep.engine.fixedpoint import QFormat
-from fxpsweep.engine.ops import Dequantize, FixedAdd, FixedAvgPool, FixedCat, FixedClamp, FixedDot, FixedInput, FixedOp
+from fxpsweep.engine.ops import (
+    Dequantize,
+    FixedAdd,
+    FixedAvgPool,
+    FixedCat,
+    FixedClamp,
+    FixedDot,
+    FixedInput,
+    FixedOp,
+)
 from fxpsweep.engine.settings import QuantSettings
 from fxpsweep.engine.statistics import RELU_SUFFIX, StatsObserver
+from fxpsweep.errors import ConfigError
 
 # Operations that map grid values to grid values: they run on codes unchanged.
 EXACT_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
@@ -218,7 +234,7 @@ class QuantizedNetwork(nn.Module):
 
         The float network here has BatchNorm folded and weights not yet
         rounded, so the statistics depend only on the model and the images,
-        not on any word length.
+        not on any word length. It runs in float64 (see ``_in_float64``).
         """
         if self.calibrated:
             raise RuntimeError("statistics come from the float network: observe before calibrate")
@@ -227,9 +243,10 @@ class QuantizedNetwork(nn.Module):
             op.observer = observer
         seen = 0
         try:
-            for x in batches:
-                self.graph_module(x)
-                seen += len(x)
+            with self._in_float64():
+                for x in batches:
+                    self.graph_module(x.double())
+                    seen += len(x)
         finally:
             for op in self.ops:
                 op.observer = None
@@ -268,11 +285,27 @@ class QuantizedNetwork(nn.Module):
             if isinstance(op, FixedDot)
         ]
         try:
-            self.graph_module(images)
+            with self._in_float64():
+                self.graph_module(images.double())
         finally:
             for hook in hooks:
                 hook.remove()
         return means
+
+    @contextlib.contextmanager
+    def _in_float64(self) -> Iterator[None]:
+        """Run the float network in float64 (before ``_finalize``; converting back is lossless).
+
+        Float32 convolutions round differently on different processors (the
+        kernels sum in different orders); the statistics, the formats chosen
+        from them and the bias corrections would then differ from machine to
+        machine. In float64 those differences are a billion times smaller.
+        """
+        self.graph_module.double()
+        try:
+            yield
+        finally:
+            self.graph_module.float()
 
     def _weight_formats(self, op: FixedDot) -> list[QFormat]:
         """Weight formats, one per output channel (all equal per tensor), F chosen by the weight method."""

@@ -14,15 +14,22 @@ statistics are gathered); afterwards it runs the integer datapath.
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fxpsweep.engine import kernels
-from fxpsweep.errors import ConfigError
-from fxpsweep.engine.fixedpoint import QFormat, apply_overflow, divide_and_round, quantize_codes, round_and_overflow
+from fxpsweep.engine.fixedpoint import (
+    QFormat,
+    apply_overflow,
+    divide_and_round,
+    quantize_codes,
+    round_and_overflow,
+)
 from fxpsweep.engine.settings import QuantSettings
 from fxpsweep.engine.statistics import RELU_SUFFIX, StatsObserver
+from fxpsweep.errors import ConfigError
 
 
 def code_dtype(fmt: QFormat) -> torch.dtype:

@@ -5,8 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fxpsweep.engine.calibration import GRANULARITIES, METHODS
+from fxpsweep.engine.fixedpoint import (
+    OVERFLOW_MODES,
+    ROUNDING_MODES,
+    QFormat,
+    check_bits,
+)
 from fxpsweep.errors import ConfigError
-from fxpsweep.engine.fixedpoint import OVERFLOW_MODES, ROUNDING_MODES, QFormat, check_bits
 
 ARITHMETIC_MODES = ("exact", "fast")
 BATCHNORM_MODES = ("fold", "keep")

@@ -23,7 +23,7 @@ from fxpsweep.sweep.storage import atomic_torch_save
 log = logging.getLogger(__name__)
 
 SAMPLE_SIZE = 16384  # values kept per tensor, uniformly at random
-STATS_VERSION = 2  # bump when what is gathered changes: old cache files are then ignored
+STATS_VERSION = 3  # bump when what is gathered changes: old cache files are then ignored (3: gathered in float64)
 RELU_SUFFIX = "|relu"  # statistics of relu(output), for registers read only by a ReLU
 
 _in_memory: dict[str, dict[str, TensorStats]] = {}

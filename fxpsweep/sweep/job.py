@@ -15,16 +15,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
 import fxpsweep
-from fxpsweep.errors import ConfigError
-from fxpsweep.sweep.evaluate import evaluate_pair
-from fxpsweep.engine.fixedpoint import check_bits
-from fxpsweep.sweep.jobdir import RESULT_FILE
-from fxpsweep.models import PretrainedModel
 from fxpsweep.data.preprocess import prepare
+from fxpsweep.engine.fixedpoint import check_bits
 from fxpsweep.engine.network import QuantizedNetwork
-from fxpsweep.engine.settings import QuantSettings
 from fxpsweep.engine.report import layer_sqnr, layer_table
+from fxpsweep.engine.settings import QuantSettings
 from fxpsweep.engine.statistics import cached_stats, weights_fingerprint
+from fxpsweep.errors import ConfigError
+from fxpsweep.models import PretrainedModel
+from fxpsweep.sweep.evaluate import evaluate_pair
+from fxpsweep.sweep.jobdir import RESULT_FILE
 from fxpsweep.sweep.storage import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)

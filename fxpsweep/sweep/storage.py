@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,8 @@ from typing import Any
 import torch
 
 from fxpsweep.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -59,8 +63,10 @@ def fetch_file(path: str | Path, url: str | None, how_else: str) -> Path:
         raise ConfigError(f"{path} does not exist and no download URL is configured; {how_else}")
     path.parent.mkdir(parents=True, exist_ok=True)
     match = torch.hub.HASH_REGEX.search(path.name)
+    log.info("downloading %s to %s", url, path)
     try:
-        torch.hub.download_url_to_file(url, str(path), hash_prefix=match.group(1) if match else None, progress=True)
+        # A live bar on a terminal only: in a log, its every update would be one more line.
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=match.group(1) if match else None, progress=sys.stderr.isatty())
     except Exception as err:  # URLError, HTTPError, hash mismatch, disk full: all mean "not here"
         raise ConfigError(
             f"{path} is missing and could not be downloaded from {url} ({type(err).__name__}: {err}); "
