@@ -21,7 +21,7 @@ from fxpsweep.data.splits import split_digits
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.settings import QuantSettings
 from fxpsweep.models.digits_cnn import pretrained_digits_cnn
-from fxpsweep.sweep.evaluate import TopKCounter
+from fxpsweep.sweep.evaluate import Predictions, ranked_classes
 
 
 @torch.no_grad()
@@ -43,11 +43,7 @@ def compare(model: nn.Module, calibration: torch.Tensor, images: torch.Tensor, l
     total = sum(a.numel() for a in outputs["exact"])
     row = f"{bits} | {differ} of {total} ({100 * differ / total:.4f} %)"
     if labels is not None:
-        acc = {}
-        for name in logits:
-            counter = TopKCounter()
-            counter.update(logits[name], labels)
-            acc[name] = counter.accuracy().top1
+        acc = {name: Predictions(ranked_classes(out, 5), labels).accuracy().top1 for name, out in logits.items()}
         row += f" | {acc['exact']:.2f} | {acc['fast']:.2f} | {acc['fast'] - acc['exact']:+.2f}"
     else:
         row += " | | |"

@@ -1,41 +1,137 @@
-"""Images/s of float32 inference and of fixed-point simulation (exact and fast), side by side.
+"""Images/s and peak memory of float32 inference, fxpsweep's simulation and peer simulators, side by side.
 
-    python bench/throughput.py [--models alexnet resnet18 mobilenet_v2] [--batch 32] [--threads 2]
+    python bench/throughput.py [--models alexnet resnet18 mobilenet_v2 resnet20_cifar10] [--batch 32] [--threads 2]
 
-Every configuration runs in this one process on the same input batch, in
-rounds that time each configuration once in turn (best round counts): float32
-as torchvision ships the model, float32 with BatchNorm folded into the
-convolutions, then each simulation; the ratio is images/s over the faster
-float32 figure. Random weights with
-randomized BatchNorm statistics (pretrained weights shift which layers fit the
-float32-exact bound).
+Every configuration of a model runs in this one process on the same input
+batch, timed in rounds that run each configuration once in turn (best round
+counts), so a disturbance of the machine hits all alike. ``x float32`` is
+images/s over the fastest float32 form of the model: as torchvision ships
+it, with BatchNorm folded, and folded in channels-last memory order. Peak
+memory is the most that PyTorch's allocator holds at once during one forward
+pass (from the profiler's record of allocations), over that of float32 as
+shipped.
+
+Configurations: fxpsweep at 8 and 16 bits, ``exact`` and ``fast``, each layer
+on the kernel its measurement picks (named in the last column); torch.ao's
+FX fake quantization (8 bits, the x86 QAT config); and, where installed (the
+``bench`` extra), Brevitas fixed-point layers (8-bit weights and inputs of
+every conv/linear) and QPyTorch's fixed-point quantizer (8-bit weights,
+every conv/linear/ReLU output rounded by a forward hook). Random weights with
+randomized BatchNorm statistics; ``resnet20_cifar10`` on 32x32 inputs, the
+others on 224x224.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
+import copy
+import gc
 import time
+import warnings
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 import torchvision
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
+from fxpsweep.engine.kernel_choice import processor_name
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.ops import FixedDot
 from fxpsweep.engine.settings import QuantSettings
+from fxpsweep.models.cifar_resnet import cifar_resnet
+
+INPUT_SIZE = {"resnet20_cifar10": 32}
 
 
 def random_model(arch: str) -> nn.Module:
+    """``arch`` with random weights and randomized BatchNorm statistics, in eval mode."""
     torch.manual_seed(0)
-    model = torchvision.models.get_model(arch, weights=None)
+    model = cifar_resnet(20) if arch == "resnet20_cifar10" else torchvision.models.get_model(arch, weights=None)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     return model.eval()
+
+
+class ChannelsLast(nn.Module):
+    """A model fed channels-last input (its convolutions then run in that memory order)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=torch.channels_last))
+
+
+def torch_ao_fake_quant(model: nn.Module, batch: torch.Tensor) -> nn.Module:
+    """torch.ao FX graph-mode fake quantization, 8 bits (the x86 QAT config), observers calibrated, then frozen."""
+    from torch.ao.quantization import disable_observer, get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_qat_fx(copy.deepcopy(model).train(), get_default_qat_qconfig_mapping("x86"), (batch[:1],))
+    prepared.eval()
+    with torch.no_grad():
+        prepared(batch[:4])
+    prepared.apply(disable_observer)
+    return prepared
+
+
+def _replace_modules(model: nn.Module, replace: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    for name, child in list(model.named_children()):
+        new = replace(child)
+        if new is not None:
+            setattr(model, name, new)
+        else:
+            _replace_modules(child, replace)
+    return model
+
+
+def brevitas_fixed_point(model: nn.Module) -> nn.Module:
+    """Every conv/linear of the BatchNorm-folded model as a Brevitas layer with 8-bit fixed-point weights and inputs."""
+    import brevitas.nn as qnn
+    from brevitas.quant import Int8ActPerTensorFixedPoint, Int8WeightPerTensorFixedPoint
+
+    def replace(m: nn.Module) -> nn.Module | None:
+        quant = {"weight_quant": Int8WeightPerTensorFixedPoint, "input_quant": Int8ActPerTensorFixedPoint, "return_quant_tensor": False}
+        if isinstance(m, nn.Conv2d):
+            new = qnn.QuantConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                                  bias=m.bias is not None, **quant)
+        elif isinstance(m, nn.Linear):
+            new = qnn.QuantLinear(m.in_features, m.out_features, bias=m.bias is not None, **quant)
+        else:
+            return None
+        new.load_state_dict(m.state_dict(), strict=False)
+        return new
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _replace_modules(copy.deepcopy(fuse(model)), replace).eval()
+
+
+def qpytorch_fixed_point(model: nn.Module) -> nn.Module:
+    """QPyTorch: weights rounded to 8-bit fixed point once, every conv/linear/ReLU output by a forward hook."""
+    from qtorch.quant import fixed_point_quantize
+
+    net = copy.deepcopy(fuse(model))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.copy_(fixed_point_quantize(m.weight, 8, 6))
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.ReLU)):
+                m.register_forward_hook(lambda _m, _i, out: fixed_point_quantize(out, 8, 4))
+    return net.eval()
+
+
+def fxpsweep_network(model: nn.Module, batch: torch.Tensor, bits: int, arithmetic: str) -> QuantizedNetwork:
+    net = QuantizedNetwork(model, QuantSettings(param_bits=bits, fwd_bits=bits, arithmetic=arithmetic)).to(batch.device)
+    net.calibrate([batch[:4]])
+    return net
 
 
 @torch.no_grad()
@@ -49,11 +145,27 @@ def seconds_per_batch(model: nn.Module, batch: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+@torch.no_grad()
+def peak_memory_mib(model: nn.Module, batch: torch.Tensor) -> float:
+    """The most memory PyTorch's allocator held at once during one forward pass, above what it held before, in MiB.
+
+    From the profiler's record of every allocation and free (``profile_memory``),
+    so memory the C library keeps for reuse does not hide it.
+    """
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(batch)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    level = peak = 0
+    for event in events:
+        level += event.nbytes()
+        peak = max(peak, level)
+    return peak / 2**20
+
+
 def best_images_per_second(models: dict[str, nn.Module], batch: torch.Tensor, rounds: int) -> dict[str, float]:
-    """Images/s of each model, best of ``rounds``; each round times every model once, in turn,
-    so that a disturbance of the machine hits all configurations alike."""
+    """Images/s of each model, best of ``rounds``; each round times every model once, in turn."""
     for model in models.values():
-        seconds_per_batch(model, batch)  # warm-up
+        seconds_per_batch(model, batch)  # warm-up: kernel choices, compiled rounding, caches
     best = dict.fromkeys(models, float("inf"))
     for _ in range(rounds):
         for name, model in models.items():
@@ -61,9 +173,35 @@ def best_images_per_second(models: dict[str, nn.Module], batch: torch.Tensor, ro
     return {name: len(batch) / t for name, t in best.items()}
 
 
+def configurations(arch: str, batch: torch.Tensor, bits: list[int]) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Every configuration of ``arch`` by name, and the kernel mix of fxpsweep's."""
+    model = random_model(arch).to(batch.device)
+    folded = fuse(model)
+    configs: dict[str, nn.Module] = {
+        "float32": model, "float32, BatchNorm folded": folded, "float32, folded, channels-last": ChannelsLast(copy.deepcopy(folded)),
+    }
+    kernels: dict[str, str] = {}
+    for b in bits:
+        for arithmetic in ("exact", "fast"):
+            name = f"fxpsweep {b}-bit {arithmetic}"
+            configs[name] = fxpsweep_network(model, batch, b, arithmetic)
+    configs["torch.ao FX fake-quant 8-bit"] = torch_ao_fake_quant(model, batch)
+    for name, make in (("Brevitas fixed-point 8-bit", brevitas_fixed_point), ("QPyTorch fixed-point 8-bit", qpytorch_fixed_point)):
+        try:
+            configs[name] = make(model)
+        except ImportError:
+            pass  # not installed: pip install -e ".[bench]"
+    for name, net in configs.items():
+        if isinstance(net, QuantizedNetwork):
+            net(batch)  # each layer picks its kernel on a batch of this size
+            mix = Counter(op.kernel for op in net.ops if isinstance(op, FixedDot))
+            kernels[name] = ", ".join(f"{k} {n}" for k, n in sorted(mix.items()))
+    return configs, kernels
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["alexnet", "resnet18", "mobilenet_v2"])
+    parser.add_argument("--models", nargs="+", default=["alexnet", "resnet18", "mobilenet_v2", "resnet20_cifar10"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="rounds; each times every configuration once")
@@ -74,27 +212,25 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device(args.device)
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, device {device}, "
-          f"{args.threads} threads, batch {args.batch}, best of {args.repeats} rounds, each timing every configuration once after a warm-up\n")
-    print("| model | config | images/s | x float32 | conv/linear kernels |")
-    print("|---|---|---:|---:|---|")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else processor_name()
+    print(f"# {where}, CPU capability {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
+          f"device {device}, {args.threads} threads, batch {args.batch}, best of {args.repeats} rounds\n")
+    print("| model | configuration | images/s | x float32 | peak MiB | x float32 memory | conv/linear kernels |")
+    print("|---|---|---:|---:|---:|---:|---|")
     for arch in args.models:
-        model = random_model(arch).to(device)
-        batch = torch.randn(args.batch, 3, 224, 224, device=device)
-        configs: dict[str, nn.Module] = {"float32": model, "float32, BatchNorm folded": fuse(model)}
-        kernels: dict[str, str] = {}
-        for bits in args.bits:
-            for arithmetic in ("exact", "fast"):
-                net = QuantizedNetwork(model, QuantSettings(param_bits=bits, fwd_bits=bits, arithmetic=arithmetic)).to(device)
-                net.calibrate([batch[:4]])
-                name = f"{bits}-bit {arithmetic}"
-                configs[name] = net
-                mix = Counter(op.kernel for op in net.ops if isinstance(op, FixedDot))
-                kernels[name] = ", ".join(f"{k} {n}" for k, n in sorted(mix.items()))
+        size = INPUT_SIZE.get(arch, 224)
+        torch.manual_seed(0)
+        batch = torch.randn(args.batch, 3, size, size, device=device)
+        configs, kernels = configurations(arch, batch, args.bits)
         speed = best_images_per_second(configs, batch, args.repeats)
-        base = max(speed["float32"], speed["float32, BatchNorm folded"])
+        memory = {name: peak_memory_mib(net, batch) for name, net in configs.items()}
+        base = max(v for k, v in speed.items() if k.startswith("float32"))
+        base_memory = memory["float32"]
         for name, value in speed.items():
-            print(f"| {arch} | {name} | {value:.1f} | {value / base:.2f} | {kernels.get(name, '')} |", flush=True)
+            mib = memory[name]
+            print(f"| {arch} | {name} | {value:.1f} | {value / base:.2f} | {mib:.0f} | {mib / base_memory:.2f} | {kernels.get(name, '')} |", flush=True)
+        del configs
+        gc.collect()
 
 
 if __name__ == "__main__":

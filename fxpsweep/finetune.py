@@ -29,7 +29,7 @@ from fxpsweep.data.splits import cifar_images
 from fxpsweep.errors import ConfigError
 from fxpsweep.models.cifar_transfer import cifar_transform, imagenet_initialised
 from fxpsweep.progress import progress
-from fxpsweep.sweep.evaluate import TopKCounter
+from fxpsweep.sweep.evaluate import predict
 from fxpsweep.sweep.storage import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -63,13 +63,9 @@ def train(model: nn.Module, images: Dataset, recipe: Recipe, device: torch.devic
     return model.eval()
 
 
-@torch.no_grad()
 def top1(model: nn.Module, images: Dataset, batch_size: int, device: torch.device) -> float:
     """Top-1 accuracy of ``model`` in percent."""
-    counter = TopKCounter()
-    for x, y in progress(DataLoader(images, batch_size=batch_size), desc="testing", unit="batch"):
-        counter.update(model(x.to(device)), y.to(device))
-    return counter.accuracy().top1
+    return predict([model], DataLoader(images, batch_size=batch_size), device, desc="testing")[0].accuracy().top1
 
 
 def finetune(cfg: DictConfig) -> float:

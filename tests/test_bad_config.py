@@ -19,6 +19,7 @@ BAD_VALUES: dict[str, list[tuple[str, str]]] = {
     "rounding": [("rounding=round", "rounding='round' is unknown; allowed: nearest_even")],
     "overflow": [("overflow=clip", "overflow='clip' is unknown; allowed: saturate, wrap")],
     "arithmetic": [("arithmetic=quick", "arithmetic='quick' is unknown; allowed: exact, fast")],
+    "kernel": [("kernel=gpu", "kernel='gpu' is unknown; allowed: auto, onednn_int8")],
     "acc_bits": [("acc_bits=64", "acc_bits=64 is impossible")],
     "acc_overflow": [("acc_overflow=clip", "acc_overflow='clip' is unknown; allowed: saturate, wrap")],
     "product_bits": [("product_bits=x", "product_bits='x' is not a whole number")],
@@ -33,6 +34,9 @@ BAD_VALUES: dict[str, list[tuple[str, str]]] = {
     "n_samples": [("n_samples=0", "n_samples=0 must be a positive integer")],
     "eval_limit": [("eval_limit=-5", "eval_limit=-5 must be a positive integer, or null")],
     "eval_subset": [("eval_subset=last", "eval_subset='last' is unknown; allowed: first, random")],
+    "eval_split": [("eval_split=train", "eval_split='train' is unknown; allowed: all, search, holdout")],
+    "probe": [("probe='conv9 weight=4'", "probe: rule 'conv9 weight=4' matches no layer; closest layer names:"),
+              ("probe=conv9", "probe: rule 'conv9' sets nothing")],
     "image_cache": [("image_cache=maybe", "image_cache='maybe' must be true or false")],
     "batch_size": [("batch_size=0", "batch_size=0 is not allowed; allowed: an integer >= 1"), ("batch_size=many", "batch_size='many'")],
     "workers": [("workers=-1", "workers=-1 is not allowed; allowed: an integer >= 0")],
@@ -44,6 +48,8 @@ BAD_VALUES: dict[str, list[tuple[str, str]]] = {
     "model": [("model=vgg99", "Could not find 'model/vgg99'")],
     "dataset": [("dataset=mnist", "Could not find 'dataset/mnist'")],
     "device": [("device=tpu", "Could not find 'device/tpu'")],
+    "precision": [("precision=mixed", "Could not find 'precision/mixed'"),
+                  ('precision.rules=["features.0 weight=40"]', "precision.rules[0]: weight=40 in rule 'features.0 weight=40' is not a word length")],
 }
 
 
@@ -67,7 +73,7 @@ def test_each_bad_value_gives_one_line_naming_it(run_app, tmp_path) -> None:
         lines = proc.stderr.strip().splitlines()
         if proc.returncode == 0 or "Traceback" in proc.stderr or not any(message in line for line in lines):
             problems.append(f"{arg}: exit {proc.returncode}, stderr {proc.stderr[-500:]!r}")
-        elif arg.split("=")[0] not in ("model", "dataset", "device") and len(lines) != 1:
+        elif arg.split("=")[0] not in ("model", "dataset", "device", "precision") and len(lines) != 1:
             problems.append(f"{arg}: {len(lines)} lines on stderr: {proc.stderr[-500:]!r}")
         if (tmp_path / str(index) / "result.json").exists():
             problems.append(f"{arg}: a result file was written")

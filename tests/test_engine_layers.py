@@ -27,11 +27,20 @@ def as_real(codes: np.ndarray, frac_bits: int) -> torch.Tensor:
 
 
 def run_op(op, device, settings: QuantSettings, out_fmt: QFormat, in_fmts: list[QFormat], *inputs: np.ndarray) -> np.ndarray:
+    """The operation's output codes; a conv/linear runs on every kernel it may choose, which must all agree."""
     op.to(device).finalize(out_fmt, in_fmts, settings, 0)
-    with torch.no_grad():
-        out = op(*[torch.tensor(x, dtype=torch.float64, device=device) for x in inputs])
-    assert torch.equal(out, out.round())
-    return out.cpu().to(torch.int64).numpy()
+    outputs = []
+    for kernel in getattr(op, "candidates", None) or [None]:
+        if kernel is not None:
+            op.use(kernel)
+        with torch.no_grad():
+            out = op(*[torch.tensor(x, dtype=torch.float64, device=device) for x in inputs])
+        assert torch.equal(out, out.round())
+        outputs.append(out.cpu().to(torch.int64).numpy())
+        KERNELS_SEEN.add(kernel.label if kernel is not None else getattr(op, "kernel", ""))
+    for other in outputs[1:]:
+        np.testing.assert_array_equal(other, outputs[0])
+    return outputs[0]
 
 
 @pytest.mark.parametrize("seed", range(60))
@@ -75,7 +84,6 @@ def test_conv_and_linear_codes_equal_the_reference(seed: int, device) -> None:
     op.set_parameter_formats([QFormat(ww, f, rounding, overflow) for f in fws], QFormat(wb, fb, rounding, overflow) if b is not None else None)
     in_fmt, out_fmt = QFormat(wa, fa, rounding, overflow), QFormat(wo, fo, rounding, overflow)
     got = run_op(op, device, settings, out_fmt, [in_fmt], x)
-    KERNELS_SEEN.add(op.kernel)
 
     drop = max(0, wa + ww - 1 - product_bits) if product_bits else 0
     product = (product_bits, -drop, rounding) if product_bits else None
@@ -104,15 +112,19 @@ def test_wide_grouped_conv_codes_equal_the_reference(device) -> None:
     op = FixedDot("wide", module)
     op.set_parameter_formats([QFormat(16, 14)] * 4, None)
     got = run_op(op, device, QuantSettings(16, 16), QFormat(16, -10), [QFormat(16, 4)], x)
-    KERNELS_SEEN.add(op.kernel)
     expected = ref.requantize_array(ref.conv2d_exact(x, w, 1, 1, 1, 2), 18, 16, -10, "nearest_even", "saturate")
     np.testing.assert_array_equal(got, expected)
 
 
 def test_every_exact_kernel_was_exercised(device) -> None:
-    # Runs after the parametrized cases above (pytest keeps file order).
-    expected = {"float32", "float64", "sequential"} | ({"int8", "float32_pieces"} if device.type == "cpu" else set())
-    assert KERNELS_SEEN >= expected
+    # Runs after the parametrized cases above (pytest keeps file order): every kernel, and the
+    # chunked and split forms (several calls per layer, "float32x3") of the CPU ones.
+    names = {label.split("x")[0] for label in KERNELS_SEEN}
+    expected = {"float32", "float64", "sequential"} | ({"onednn_int8", "int8_mm", "float32_pieces"} if device.type == "cpu" else set())
+    assert names >= expected
+    if device.type == "cpu":
+        assert any(label.startswith("float32x") for label in KERNELS_SEEN)
+        assert any(label.startswith("onednn_int8x") for label in KERNELS_SEEN)
 
 
 @pytest.mark.parametrize("seed", range(30))
@@ -155,3 +167,26 @@ def test_add_and_concat_codes_equal_the_reference(seed: int, device) -> None:
         [ref.requantize_array(a, fa, wo, fo, rounding, overflow), ref.requantize_array(b, fb, wo, fo, rounding, overflow)], axis=1
     )
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("shape", ["conv", "grouped", "linear"])
+def test_extreme_sixteen_bit_weights_on_every_kernel(shape: str, device) -> None:
+    # Codes at the top of a 16-bit word (32640..32767) need a third signed digit, unless the
+    # kernels shift the weights by 128 (split_weights): both ends of the range, every kernel.
+    rng = np.random.default_rng(7)
+    module = nn.Linear(40, 6) if shape == "linear" else nn.Conv2d(8, 8, 3, 1, 1, groups=4 if shape == "grouped" else 1)
+    w = random_codes(rng, module.weight.shape, 16)
+    w.reshape(-1)[:6] = [32767, 32700, 32640, -32768, -32700, 0]
+    b = random_codes(rng, (module.bias.shape[0],), 20)
+    x = random_codes(rng, (2, 40) if shape == "linear" else (2, 8, 5, 5), 16)
+    with torch.no_grad():
+        module.weight.copy_(as_real(w, 20))
+        module.bias.copy_(as_real(b, 16))
+    op = FixedDot("extreme", module)
+    op.set_parameter_formats([QFormat(16, 20)] * module.weight.shape[0], QFormat(24, 16))
+    got = run_op(op, device, QuantSettings(16, 16), QFormat(16, 0), [QFormat(16, 4)], x)
+    assert device.type != "cpu" or any(getattr(k, "shift", 0) for k in op.candidates)
+    acc = ref.linear_acc(x, w, None, None) if shape == "linear" else ref.conv2d_acc(x, w, 1, 1, 1, module.groups, None, None)
+    view = (1, -1) if shape == "linear" else (1, -1, 1, 1)
+    total = acc + b.reshape(view) * (np.int64(1) << 8)  # bias F 16 -> accumulator F 24
+    np.testing.assert_array_equal(got, ref.requantize_array(total, 24, 16, 0, "nearest_even", "saturate"))

@@ -7,6 +7,8 @@ recomputed by ``integer_reference`` from them, its formats and the float weights
 
 from __future__ import annotations
 
+import fnmatch
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ import integer_reference as ref
 from fxpsweep.engine.ops import FixedAdd, FixedAvgPool, FixedCat, FixedClamp, FixedDot, FixedInput
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.settings import QuantSettings
+from fxpsweep.precision.rules import parse_rule
 
 
 def random_network(arch: str) -> nn.Module:
@@ -32,7 +35,18 @@ def random_network(arch: str) -> nn.Module:
 
 
 def reference_output(op, inputs: list[np.ndarray], float_input: np.ndarray) -> np.ndarray:
-    """The layer recomputed in integers from its input codes."""
+    """The layer recomputed in integers from its input codes; a ReLU or ReLU6 that is a register's only
+    reader is applied as it is written: codes clipped to the clamp constants on the grid (rounded toward zero)."""
+    codes = register_codes(op, inputs, float_input)
+    if op.read_clamp is None:
+        return codes
+    f, (low, high) = op.out_fmt, op.read_clamp
+    low_code = f.min_code if low == -np.inf else max(f.min_code, int(np.ceil(low * 2.0**f.frac_bits)))
+    high_code = f.max_code if high == np.inf else min(f.max_code, int(np.floor(high * 2.0**f.frac_bits)))
+    return np.clip(codes, low_code, high_code)
+
+
+def register_codes(op, inputs: list[np.ndarray], float_input: np.ndarray) -> np.ndarray:
     o = op.out_fmt
     if isinstance(op, FixedInput):
         return ref.quantize_array(float_input, o.total_bits, o.frac_bits, o.rounding, o.overflow)
@@ -69,9 +83,7 @@ def reference_output(op, inputs: list[np.ndarray], float_input: np.ndarray) -> n
         cols = ref.adaptive_windows(x.shape[3], op.output_size[1])
         return ref.avg_pool(x, rows, cols, op.in_fmts[0].frac_bits, o.total_bits, o.frac_bits, o.rounding, o.overflow)
     if isinstance(op, FixedClamp):
-        f = op.in_fmts[0]
-        high = min(f.max_code, int(np.floor(6.0 * 2.0**f.frac_bits)))
-        return np.clip(inputs[0], 0, high)
+        return inputs[0]  # its clamp is applied by reference_output
     raise AssertionError(type(op))
 
 
@@ -81,13 +93,32 @@ def reference_output(op, inputs: list[np.ndarray], float_input: np.ndarray) -> n
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "squeezenet1_1"])
 def test_network_is_bit_identical_to_an_integer_rerun(arch: str, bits: int, bias_bits: int, granularity: str, device) -> None:
     settings = QuantSettings(param_bits=bits, fwd_bits=bits, bias_bits=bias_bits, weight_granularity=granularity)
-    net = QuantizedNetwork(random_network(arch), settings).to(device)
+    check_every_layer(QuantizedNetwork(random_network(arch), settings).to(device), f"{arch} {bits} bits", device)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_mixed_precision_network_is_bit_identical_to_an_integer_rerun(arch: str, device) -> None:
+    rules = ["*features.1* weight=4 output=6", "layer1.* weight=5 output=7", "*.conv2 weight=12", "classifier.1 weight=16 output=16",
+             "fc weight=16 output=16", "add* output=10", "x output=12"]
+    settings = QuantSettings(param_bits=8, fwd_bits=8)
+    model = random_network(arch)
+    names = {op.name for op in QuantizedNetwork(model, settings).ops}
+    usable = [parse_rule(r) for r in rules if any(fnmatch.fnmatchcase(n, r.split()[0]) for n in names)]
+    assert len(usable) >= 4
+    net = QuantizedNetwork(model, settings, rules=usable).to(device)
+    check_every_layer(net, f"{arch} mixed", device)
+    widths = {op.out_fmt.total_bits for op in net.ops}
+    assert len(widths) >= 3  # several word lengths in one network
+
+
+def check_every_layer(net: QuantizedNetwork, label: str, device) -> None:
+    """Every operation's output codes equal the integer reference of that layer, on every kernel it may choose."""
     torch.manual_seed(1)
     net.calibrate([torch.randn(2, 3, 48, 48, device=device)])
     x = torch.randn(2, 3, 48, 48)
     records = []
     hooks = [
-        op.register_forward_hook(lambda m, i, out: records.append((m, [t.cpu().numpy().astype(np.int64) for t in i], out.to("cpu", copy=True))))
+        op.register_forward_hook(lambda m, i, out: records.append((m, [t.to("cpu", copy=True) for t in i], out.to("cpu", copy=True))))
         for op in net.ops
     ]
     with torch.no_grad():
@@ -96,10 +127,19 @@ def test_network_is_bit_identical_to_an_integer_rerun(arch: str, bits: int, bias
         h.remove()
     assert len(records) == len(net.ops)
     kinds = {type(op).__name__ for op, _, _ in records}
+    kernels_run = set()
     for op, inputs, out in records:
         assert torch.equal(out, out.round()), op.name
-        expected = reference_output(op, inputs, x.numpy())
-        np.testing.assert_array_equal(out.numpy().astype(np.int64), expected, err_msg=f"{arch} {bits} bits: {op.name}")
+        expected = reference_output(op, [t.numpy().astype(np.int64) for t in inputs], x.numpy())
+        np.testing.assert_array_equal(out.numpy().astype(np.int64), expected, err_msg=f"{label}: {op.name}")
+        # Every kernel the layer could have chosen, whatever this machine chose, on the same input.
+        for kernel in getattr(op, "candidates", []):
+            op.use(kernel)
+            with torch.no_grad():
+                again = op(inputs[0].to(device)).cpu()
+            np.testing.assert_array_equal(again.numpy().astype(np.int64), expected, err_msg=f"{label}: {op.name}, {kernel.label}")
+            kernels_run.add(kernel.name)
     last_op, _, last_codes = records[-1]
     assert torch.equal(logits, last_codes.double().reshape(logits.shape) * 2.0**-last_op.out_fmt.frac_bits)
     assert {"FixedDot", "FixedAvgPool"} <= kinds
+    assert "float64" in kernels_run and (device.type != "cpu" or "onednn_int8" in kernels_run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fxpsweep.sweep.evaluate import TopKCounter, ranked_classes
+from fxpsweep.sweep.evaluate import Predictions, ranked_classes
 
 
 def test_equal_logits_rank_by_class_index() -> None:
@@ -13,8 +13,6 @@ def test_equal_logits_rank_by_class_index() -> None:
 
 
 def test_a_tie_with_a_lower_class_is_a_top1_miss() -> None:
-    counter = TopKCounter()
     logits = torch.tensor([[2.0, 2.0, 0.0, 0.0, 0.0, 0.0], [0.0, 2.0, 2.0, 0.0, 0.0, 0.0]])
-    counter.update(logits, torch.tensor([0, 2]))
-    accuracy = counter.accuracy()
+    accuracy = Predictions(ranked_classes(logits, 5), torch.tensor([0, 2])).accuracy()
     assert (accuracy.top1, accuracy.top5, accuracy.n_images) == (50.0, 100.0, 2)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpsweep.errors import ConfigError
+from fxpsweep.engine.ops import FixedDot
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.settings import QuantSettings
 
@@ -110,10 +111,10 @@ def test_bias_correction_removes_the_mean_error_and_changes_only_biases() -> Non
     plain, plain_error = _logit_mean_error(model, False, images)
     corrected, corrected_error = _logit_mean_error(model, True, images)
     assert corrected_error < 0.01 * plain_error
-    for a, b in zip(plain.ops, corrected.ops):
-        if hasattr(a, "w_codes"):
-            assert a.weight_fmts == b.weight_fmts and torch.equal(a.w_codes, b.w_codes)
-    changed = [a.name for a, b in zip(plain.ops, corrected.ops) if hasattr(a, "bias_out") and not torch.equal(a.bias_out, b.bias_out)]
+    dots = [(a, b) for a, b in zip(plain.ops, corrected.ops) if isinstance(a, FixedDot)]
+    for a, b in dots:
+        assert a.weight_fmts == b.weight_fmts and torch.equal(a.layer.weight, b.layer.weight)
+    changed = [a.name for a, b in dots if not torch.equal(a.layer.bias_out, b.layer.bias_out)]
     assert changed  # at least one bias moved
     assert corrected.formats()[0].values == images.numel()  # counts start after calibration: one run of the images
     assert all(torch.equal(v, untouched[k]) for k, v in model.state_dict().items())  # the user's model is not changed

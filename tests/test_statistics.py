@@ -1,4 +1,5 @@
-"""Calibration statistics are gathered once and reused: from memory, then from the cache folder."""
+"""Calibration statistics (and anything ``storage.cached`` keeps) are computed once and reused:
+from memory, then from the cache folder."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import torch
 
 from fxpsweep.engine import statistics
 from fxpsweep.engine.calibration import TensorStats
+from fxpsweep.sweep import storage
 
 
 def test_statistics_are_gathered_once_per_identity(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(statistics, "_in_memory", {})
+    monkeypatch.setattr(storage, "_in_memory", {})
     calls = []
 
     def gather():
@@ -21,7 +23,7 @@ def test_statistics_are_gathered_once_per_identity(tmp_path, monkeypatch) -> Non
     second, source2 = statistics.cached_stats(identity, tmp_path, gather)
     assert (source1, source2, len(calls)) == ("computed", "memory", 1)
 
-    monkeypatch.setattr(statistics, "_in_memory", {})  # a new process sharing the cache folder
+    monkeypatch.setattr(storage, "_in_memory", {})  # a new process sharing the cache folder
     third, source3 = statistics.cached_stats(identity, tmp_path, gather)
     assert (source3, len(calls)) == ("cache", 1)
     assert third["conv"].max_abs == 2.5 and torch.equal(third["conv"].sample, first["conv"].sample)
@@ -30,14 +32,16 @@ def test_statistics_are_gathered_once_per_identity(tmp_path, monkeypatch) -> Non
     assert (source4, len(calls)) == ("computed", 2)
 
 
-def test_an_unreadable_cache_file_is_gathered_again(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(statistics, "_in_memory", {})
+def test_an_unreadable_cache_file_is_computed_again(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(storage, "_in_memory", {})
     identity = {"model": "m"}
-    path = tmp_path / "calibration" / f"{statistics.stats_key(identity)}.pt"
+    path = tmp_path / "kind" / f"{storage.cache_key(identity)}.pt"
     path.parent.mkdir()
     path.write_bytes(b"not a torch file")
-    stats, source = statistics.cached_stats(identity, tmp_path, lambda: {"x": TensorStats(1.0, torch.ones(1))})
-    assert source == "computed" and stats["x"].max_abs == 1.0
+    value, source = storage.cached("kind", identity, tmp_path, lambda: {"x": torch.ones(1)})
+    assert source == "computed" and torch.equal(value["x"], torch.ones(1))
+    monkeypatch.setattr(storage, "_in_memory", {})
+    assert storage.cached("kind", identity, tmp_path, lambda: None)[1] == "cache"  # rewritten whole
 
 
 def test_observer_keeps_the_max_and_a_bounded_sample() -> None:

@@ -35,6 +35,7 @@ class DataSplits:
 
 
 EVAL_SUBSETS = ("first", "random")
+EVAL_SPLITS = ("all", "search", "holdout")
 
 
 def digits_splits(test_fraction: float = DIGITS_TEST_FRACTION, split_seed: int = DIGITS_SPLIT_SEED) -> tuple[TensorDataset, TensorDataset]:
@@ -58,18 +59,28 @@ def _seeded_order(n: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def check_counts(n_samples: int, eval_limit: int | None, eval_subset: str = "first") -> None:
+def check_counts(n_samples: int, eval_limit: int | None, eval_subset: str = "first", eval_split: str = "all") -> None:
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ConfigError(f"n_samples={n_samples!r} must be a positive integer (number of calibration images)")
     if eval_limit is not None and (isinstance(eval_limit, bool) or not isinstance(eval_limit, int) or eval_limit < 1):
         raise ConfigError(f"eval_limit={eval_limit!r} must be a positive integer, or null for all evaluation images")
     if eval_subset not in EVAL_SUBSETS:
         raise ConfigError(f"eval_subset={eval_subset!r} is unknown; allowed: {', '.join(EVAL_SUBSETS)}")
+    if eval_split not in EVAL_SPLITS:
+        raise ConfigError(f"eval_split={eval_split!r} is unknown; allowed: {', '.join(EVAL_SPLITS)}")
 
 
-def _evaluation_indices(candidates: list[int], eval_limit: int | None, eval_subset: str, seed: int) -> list[int]:
+def _evaluation_indices(candidates: list[int], eval_limit: int | None, eval_subset: str, seed: int, eval_split: str = "all") -> list[int]:
     """``eval_limit`` of ``candidates``: the first ones (the original tool's "first 1000"), or a seeded random
-    choice kept in dataset order; all of them when ``eval_limit`` is None."""
+    choice kept in dataset order; all of them when ``eval_limit`` is None.
+
+    ``eval_split``: ``all`` the candidates, or one of two disjoint halves drawn
+    once by the seed, whatever ``eval_limit`` is: ``search`` (where a bit-width
+    search chooses) and ``holdout`` (where its choice is judged)."""
+    if eval_split != "all":
+        half = sorted(_seeded_order(len(candidates), seed + 2)[: len(candidates) // 2])  # seed + 2: its own draw
+        chosen = set(half) if eval_split == "search" else set(range(len(candidates))) - set(half)
+        candidates = [c for i, c in enumerate(candidates) if i in chosen]
     if eval_limit is None or eval_limit >= len(candidates):
         return list(candidates)
     if eval_subset == "first":
@@ -79,36 +90,38 @@ def _evaluation_indices(candidates: list[int], eval_limit: int | None, eval_subs
 
 
 def _split_train_test(
-    train: Dataset, test: Dataset, n_samples: int, eval_limit: int | None, eval_subset: str, seed: int, presized: bool = False
+    train: Dataset, test: Dataset, n_samples: int, eval_limit: int | None, eval_subset: str, seed: int, eval_split: str = "all",
+    presized: bool = False,
 ) -> DataSplits:
     """For a dataset with a training split: ``n_samples`` seeded training images calibrate, the test split evaluates."""
-    check_counts(n_samples, eval_limit, eval_subset)
+    check_counts(n_samples, eval_limit, eval_subset, eval_split)
     if n_samples > len(train):
         raise ConfigError(f"n_samples={n_samples} exceeds the {len(train)} training images")
     calibration = Subset(train, _seeded_order(len(train), seed)[:n_samples])
-    evaluation = Subset(test, _evaluation_indices(list(range(len(test))), eval_limit, eval_subset, seed))
+    evaluation = Subset(test, _evaluation_indices(list(range(len(test))), eval_limit, eval_subset, seed, eval_split))
     return DataSplits(calibration, evaluation, f"train[seed {seed}: {n_samples} of {len(train)}]", presized)
 
 
 def _split_held_out(
-    images: Dataset, n_samples: int, eval_limit: int | None, eval_subset: str, seed: int, presized: bool = False
+    images: Dataset, n_samples: int, eval_limit: int | None, eval_subset: str, seed: int, eval_split: str = "all",
+    presized: bool = False,
 ) -> DataSplits:
     """For a dataset with one split: a seeded random slice calibrates, the rest (or eval_limit of it) evaluates."""
-    check_counts(n_samples, eval_limit, eval_subset)
+    check_counts(n_samples, eval_limit, eval_subset, eval_split)
     n = len(images)
     if n_samples >= n:
         raise ConfigError(f"n_samples={n_samples} leaves no evaluation image among the {n} images")
     calib_idx = _seeded_order(n, seed)[:n_samples]
     taken = set(calib_idx)
-    eval_idx = _evaluation_indices([i for i in range(n) if i not in taken], eval_limit, eval_subset, seed)
+    eval_idx = _evaluation_indices([i for i in range(n) if i not in taken], eval_limit, eval_subset, seed, eval_split)
     source = f"val[seed {seed}: {n_samples} of {n}, excluded from evaluation]"
     return DataSplits(Subset(images, calib_idx), Subset(images, eval_idx), source, presized)
 
 
-def split_digits(n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first") -> DataSplits:
+def split_digits(n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first", eval_split: str = "all") -> DataSplits:
     """Calibration: ``n_samples`` seeded images of the training split. Evaluation: the held-out split."""
     train, test = digits_splits()
-    return _split_train_test(train, test, n_samples, eval_limit, eval_subset, seed)
+    return _split_train_test(train, test, n_samples, eval_limit, eval_subset, seed, eval_split)
 
 
 def imagenet_folder(root: str | None) -> Dataset:
@@ -138,11 +151,11 @@ def imagenet_folder(root: str | None) -> Dataset:
 
 
 def split_imagenet_folder(
-    root: str | None, n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first"
+    root: str | None, n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first", eval_split: str = "all"
 ) -> DataSplits:
     """ImageNet validation folder (PIL images): a seeded slice of ``n_samples`` calibrates, the rest evaluates."""
-    check_counts(n_samples, eval_limit, eval_subset)
-    return _split_held_out(imagenet_folder(root), n_samples, eval_limit, eval_subset, seed)
+    check_counts(n_samples, eval_limit, eval_subset, eval_split)
+    return _split_held_out(imagenet_folder(root), n_samples, eval_limit, eval_subset, seed, eval_split)
 
 
 class NpzImages(Dataset):
@@ -205,22 +218,22 @@ def _existing(path: str | None, key: str, what: str) -> Path:
     return p
 
 
-def split_npz(path: str | None, n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first") -> DataSplits:
+def split_npz(path: str | None, n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first", eval_split: str = "all") -> DataSplits:
     """One ``.npz`` split (see NpzImages): a seeded slice of ``n_samples`` calibrates, the rest evaluates."""
-    check_counts(n_samples, eval_limit, eval_subset)
+    check_counts(n_samples, eval_limit, eval_subset, eval_split)
     file = _existing(path, "dataset.path", "give an .npz file with arrays x (N, H, W, 3) uint8 and y")
-    return _split_held_out(NpzImages(file), n_samples, eval_limit, eval_subset, seed)
+    return _split_held_out(NpzImages(file), n_samples, eval_limit, eval_subset, seed, eval_split)
 
 
 def split_image_list(
-    root: str | None, list_file: str, n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first"
+    root: str | None, list_file: str, n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first", eval_split: str = "all"
 ) -> DataSplits:
     """A folder of images with a list file (see ImageList): a seeded slice calibrates, the rest evaluates."""
-    check_counts(n_samples, eval_limit, eval_subset)
+    check_counts(n_samples, eval_limit, eval_subset, eval_split)
     folder = _existing(root, "dataset.root", f"give the folder that holds {list_file} and the images it lists")
     if not (folder / list_file).is_file():
         raise ConfigError(f"dataset.root={root} has no {list_file} (lines 'relative/path.JPEG, LABEL')")
-    return _split_held_out(ImageList(folder, list_file), n_samples, eval_limit, eval_subset, seed)
+    return _split_held_out(ImageList(folder, list_file), n_samples, eval_limit, eval_subset, seed, eval_split)
 
 
 CIFAR_URLS = {10: "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", 100: "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
@@ -249,16 +262,16 @@ def cifar_images(classes: int, root: str, train: bool, download: bool) -> Datase
 
 
 def split_cifar(
-    classes: int, root: str, download: bool, n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first"
+    classes: int, root: str, download: bool, n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first", eval_split: str = "all"
 ) -> DataSplits:
     """CIFAR-10/100 through torchvision: calibration from the 50000 training images, evaluation on the 10000 test images."""
-    check_counts(n_samples, eval_limit, eval_subset)
+    check_counts(n_samples, eval_limit, eval_subset, eval_split)
     train, test = cifar_images(classes, root, True, download), cifar_images(classes, root, False, download)
-    return _split_train_test(train, test, n_samples, eval_limit, eval_subset, seed)
+    return _split_train_test(train, test, n_samples, eval_limit, eval_subset, seed, eval_split)
 
 
 def split_jpeg_pickle(
-    path: str | None, url: str | None, cache_dir: str, n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first"
+    path: str | None, url: str | None, cache_dir: str, n_samples: int, eval_limit: int | None, seed: int, eval_subset: str = "first", eval_split: str = "all"
 ) -> DataSplits:
     """The original tool's ``val224_compressed.pkl`` (see ``jpeg_pickle``): a seeded slice calibrates, the rest evaluates.
 
@@ -268,8 +281,8 @@ def split_jpeg_pickle(
     from fxpsweep.data.jpeg_pickle import PickledJpegs
     from fxpsweep.sweep.storage import fetch_file
 
-    check_counts(n_samples, eval_limit, eval_subset)
+    check_counts(n_samples, eval_limit, eval_subset, eval_split)
     if path is None:
         raise ConfigError("dataset.path is not set; give the val224_compressed.pkl file")
     file = fetch_file(path, url, "set dataset.path to the val224_compressed.pkl file")
-    return _split_held_out(PickledJpegs(file, cache_dir), n_samples, eval_limit, eval_subset, seed, presized=True)
+    return _split_held_out(PickledJpegs(file, cache_dir), n_samples, eval_limit, eval_subset, seed, eval_split, presized=True)

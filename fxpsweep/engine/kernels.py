@@ -1,46 +1,64 @@
 """Exact integer dot products (convolution and linear layers) on integer codes.
 
-Every kernel here takes input codes and weight codes (integer-valued float
-tensors) and returns the exact integer accumulator ``sum_k a_k * w_k`` per
-output element. Which kernel is exact depends on how large a partial sum can
-get, and the fastest exact one is picked per layer (``ops.FixedDot._choose_kernel``):
+A conv/linear layer turns input codes ``a`` and weight codes ``w`` into its
+output before rounding,
 
-- ``float32``: a float32 convolution is exact while every partial sum is an
-  integer below ``2**24`` (the float32 significand); proven per layer from the
-  weights, ``sum_k |w_k| * max|a|``.
-- ``int8``: integer GEMM (``torch._int_mm``: int8 x int8 -> int32, exact).
-  Wider words split into 8-bit pieces: weights into signed digits
-  ``w = sum_j 256**j * w_j`` (``w_j`` in [-128, 127], fixed at build time),
-  activations into bytes offset by 128 (``a = sum_i 256**i * a_i + C``, each
-  ``a_i`` in [-128, 127]; the constant ``C`` contributes ``C * sum_k w_k``).
-  Each piece product is exact in int32 (``K * 2**14 < 2**31``) and the pieces
-  combine exactly in float64 (the accumulator stays below ``2**53``).
+    v = acc * 2**(F_out - F_acc) + bias_out,    acc = sum_k a_k * w_k,
+
+per output channel (``DotLayer`` holds the codes, the scales and the bias).
+Every kernel below computes ``v`` exactly, or the raw ``acc`` where an
+``acc_bits`` accumulator must wrap it first. A kernel may serve a layer only
+where a bound on its partial sums proves it exact (``applies``); among those,
+the fastest is measured on the machine (``kernel_choice``):
+
+- ``float32``: float32 convolutions, exact while every partial sum is an
+  integer below ``2**24`` (the significand). The bound is
+  ``sum_k |w_k| * 2**(Wa-1)`` per output channel; where it is larger, the
+  input channels are cut into chunks whose bounds are not (up to
+  ``MAX_CALLS`` convolutions), summed in float64. One chunk: the scaling and
+  the bias fold into the convolution itself.
+- ``onednn_int8``: oneDNN's int8 convolutions (``torch.ops.onednn``, what
+  PyTorch's x86 quantization runs on): uint8 inputs with zero point 128, int8
+  weights, int32 accumulation, float32 output. Exact while each output fits
+  float32's ``2**24``. Wider words split into 8-bit pieces (activations into
+  bytes, weights into signed digits, below), chunked like ``float32`` where a
+  piece's sum could pass ``2**24``, combined in float64. One 8-bit call: scale
+  and bias fold in.
+- ``int8_mm``: ``torch._int_mm`` (int8 x int8 -> int32) GEMMs over im2col rows
+  of the same 8-bit pieces; int32 holds any piece sum with ``K < 2**17``.
+  Ungrouped layers.
 - ``float32_pieces``: grouped and depthwise convolutions with a small window
-  (``K * 2**14 < 2**24``, e.g. 3x3 depthwise): the same 8-bit pieces as
-  ``int8``, each pair convolved in float32 (exact: every partial sum is below
-  ``K * 2**14``), combined in float64. On the CPU, float64 convolutions are
-  many times slower.
-- ``float64``: exact while partial sums stay below ``2**53`` (other grouped
-  convolutions; every layer on CUDA).
-- ``sequential``: one input position ``k`` at a time, in the order
-  (input channel, kernel row, kernel column), for a saturating accumulator
-  (saturation after every add depends on the order) or rounding of every
-  product. Slow; exact while every product is below ``2**53``.
+  (``K * 2**14 < 2**24``): float32 convolutions of the 8-bit pieces.
+- ``float64``: exact while partial sums stay below ``2**53``.
+- ``sequential``: one input position ``k`` at a time, in the order (input
+  channel, kernel row, kernel column), for a saturating accumulator or
+  rounding of every product (``sequential_dot``); never measured, the
+  semantics need it.
+
+8-bit pieces: weights split into signed digits ``w = sum_j 256**j * w_j``
+(``w_j`` in [-128, 127]), activations into bytes offset by 128
+(``a = sum_i 256**i * a_i + C``, each ``a_i`` in [-128, 127]; the constant
+``C`` contributes ``C * sum_k w_k``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from fxpsweep.engine.fixedpoint import QFormat, apply_overflow, round_to_integer
+from fxpsweep.engine.fused import byte_pieces, combine
 
 FLOAT32_EXACT = 2**24
 FLOAT64_EXACT = 2**53
+INT32_EXACT = 2**31
+PIECE = 2**7  # largest magnitude of an 8-bit piece
+MAX_CALLS = 16  # a kernel that needs more convolutions than this for one layer is not a candidate
 
 
 @dataclass(frozen=True)
@@ -52,6 +70,94 @@ class ConvGeometry:
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
     is_linear: bool = False
+
+
+@dataclass
+class DotLayer:
+    """One conv/linear layer in integers: what every kernel needs.
+
+    ``weight``: integer weight codes (float64, ``(Cout, Cin/groups, kh, kw)`` or
+    ``(Cout, K)``). ``act_bits``: the input word (``|a| <= 2**(act_bits-1)``).
+    ``out_scale``: ``2**(F_out - F_acc)`` per output channel. ``bias_out``: the
+    bias in units of the output LSB, exact. ``bias_unit``: the bias LSB in the
+    same units (None: no bias). ``raw``: kernels return ``acc``, not ``v``.
+    """
+
+    weight: torch.Tensor
+    geometry: ConvGeometry
+    act_bits: int
+    out_scale: torch.Tensor
+    bias_out: torch.Tensor
+    bias_unit: float | None
+    raw: bool = False
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def act_max(self) -> float:
+        return 2.0 ** (self.act_bits - 1)
+
+    def abs_sums(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``sum |w|`` per output channel and input channel (a column per input channel, K for linear)."""
+        w = (self.weight if weight is None else weight).abs()
+        return w if self.geometry.is_linear else w.sum((2, 3))
+
+    def dot_bound(self) -> float:
+        """Largest ``|partial sum of acc|`` over the output channels."""
+        return float(self.abs_sums().sum(1).max()) * self.act_max
+
+    def folded_bound(self) -> float:
+        """Largest ``|partial sum of v|`` in units of the finest LSB of ``v`` (acc LSB or bias LSB)."""
+        unit = self.out_scale if self.bias_unit is None else torch.clamp(self.out_scale, max=self.bias_unit)
+        bound = self.abs_sums().sum(1) * self.act_max * self.out_scale + self.bias_out.abs()
+        return float((bound / unit).max())
+
+    def input_chunks(self, abs_sums: torch.Tensor, act_max: float, limit: float) -> list[slice] | None:
+        """The fewest equal runs of input channels (columns of ``abs_sums``) whose sums stay below ``limit``.
+
+        Grouped convolutions are not cut. None if no split into ``MAX_CALLS`` runs or fewer does it.
+        """
+        width = abs_sums.shape[1]
+        most = 1 if self.geometry.groups > 1 else min(MAX_CALLS, width)
+        for n in range(1, most + 1):
+            edges = [round(i * width / n) for i in range(n + 1)]
+            chunks = [slice(a, b) for a, b in zip(edges, edges[1:])] if n > 1 else [slice(None)]
+            if all(float(abs_sums[:, c].sum(1).max()) * act_max < limit for c in chunks):
+                return chunks
+        return None
+
+    def combine(self, terms: list[torch.Tensor], multipliers: list[float], offset_sums: torch.Tensor | None = None) -> torch.Tensor:
+        """A kernel's result from its exact integer terms: ``acc = sum terms * multipliers (+ offset_sums)``,
+        in float64 (below ``2**53``), then ``v = acc * out_scale + bias_out`` unless ``raw``."""
+        if self.raw:
+            return combine(terms, multipliers, offset_sums)
+        scale, bias = self._scale_and_bias(terms[0].device)
+        return combine(terms, multipliers, offset_sums, scale, bias)
+
+    def output(self, acc: torch.Tensor) -> torch.Tensor:
+        """``v`` from ``acc`` (exact): both scalings are powers of two, the sum stays below ``2**53``."""
+        scale, bias = self._scale_and_bias(acc.device)
+        return combine([acc], [1.0], None, scale, bias)
+
+    def window_sums(self, codes: torch.Tensor) -> torch.Tensor:
+        """``sum_k a_k`` over each output's inputs (float64, exact below ``2**53``), per output channel."""
+        g = self.geometry
+        x = codes.double()
+        if g.is_linear:
+            return x.sum(1, keepdim=True)
+        cin = self.weight.shape[1]
+        ones = torch.ones(g.groups, cin, *self.weight.shape[2:], dtype=torch.float64, device=x.device)
+        sums = F.conv2d(x, ones, None, g.stride, g.padding, g.dilation, g.groups)  # (N, groups, OH, OW)
+        return sums.repeat_interleave(self.out_channels // g.groups, dim=1)
+
+    def channel_view(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-output-channel values shaped to broadcast against the layer's output."""
+        return values.reshape((1, -1) if self.geometry.is_linear else (1, -1, 1, 1))
+
+    def _scale_and_bias(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.channel_view(self.out_scale).to(device), self.channel_view(self.bias_out).to(device)
 
 
 def float_dot(
@@ -73,6 +179,99 @@ def float_dot(
     return F.conv2d(codes, weight, bias, g.stride, g.padding, g.dilation, g.groups)
 
 
+def _conv_layout(weight: torch.Tensor) -> torch.Tensor:
+    """Conv weights in channels-last order, as the activations are: no reordering at every call."""
+    return weight.contiguous(memory_format=torch.channels_last) if weight.dim() == 4 else weight
+
+
+class Kernel:
+    """One way to compute a layer's ``v`` (or ``acc``) exactly; ``calls``: convolutions or GEMMs per forward."""
+
+    name = ""
+
+    def __init__(self, layer: DotLayer, device: torch.device) -> None:
+        self.layer = layer
+        self.calls = 1
+
+    @classmethod
+    def applies(cls, layer: DotLayer, device: torch.device) -> bool:
+        """Whether this kernel is available on ``device`` and provably exact for ``layer``."""
+        raise NotImplementedError
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        """The name, with the number of calls where there are several (``float32x2``)."""
+        return self.name if self.calls == 1 else f"{self.name}x{self.calls}"
+
+    @property
+    def scratch(self) -> float:
+        """Bytes of temporaries per output element: each call's float32 or int32 term and their float64 sum."""
+        return 4.0 if self.calls == 1 else 4.0 * self.calls + 8.0
+
+
+class Float32Kernel(Kernel):
+    """float32 convolutions over chunks of input channels, each below ``2**24``; one chunk folds scale and bias.
+
+    ``exact=False`` (``arithmetic=fast``): one folded call whatever the bound.
+    """
+
+    name = "float32"
+
+    def __init__(self, layer: DotLayer, device: torch.device, exact: bool = True) -> None:
+        super().__init__(layer, device)
+        self.exact = exact
+        chunks = layer.input_chunks(layer.abs_sums(), layer.act_max, FLOAT32_EXACT) if exact else [slice(None)]
+        self.folded = not layer.raw and len(chunks) == 1 and (not exact or layer.folded_bound() < FLOAT32_EXACT)
+        view = (-1,) + (1,) * (layer.weight.dim() - 1)
+        if self.folded:
+            self.chunks = [slice(None)]
+            self.weights = [_conv_layout((layer.weight * layer.out_scale.reshape(view)).float().to(device))]
+            self.bias = layer.bias_out.float().to(device)
+        else:
+            self.chunks = chunks
+            self.weights = [_conv_layout(layer.weight[:, c].float().to(device)) for c in chunks]
+        self.calls = len(self.chunks)
+
+    @classmethod
+    def applies(cls, layer: DotLayer, device: torch.device) -> bool:
+        return layer.input_chunks(layer.abs_sums(), layer.act_max, FLOAT32_EXACT) is not None
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        x = codes.float()
+        g = self.layer.geometry
+        if self.folded:
+            return float_dot(x, self.weights[0], g, self.bias, self.exact)
+        terms = [float_dot(x[:, chunk], w, g) for chunk, w in zip(self.chunks, self.weights)]
+        return self.layer.combine(terms, [1.0] * len(terms))
+
+
+class Float64Kernel(Kernel):
+    """One float64 convolution, scale and bias folded unless ``raw``: exact below ``2**53``."""
+
+    name = "float64"
+
+    def __init__(self, layer: DotLayer, device: torch.device) -> None:
+        super().__init__(layer, device)
+        view = (-1,) + (1,) * (layer.weight.dim() - 1)
+        scale = torch.ones_like(layer.out_scale) if layer.raw else layer.out_scale
+        self.weight = _conv_layout((layer.weight * scale.reshape(view)).to(device))
+        self.bias = None if layer.raw else layer.bias_out.to(device)
+
+    @classmethod
+    def applies(cls, layer: DotLayer, device: torch.device) -> bool:
+        return max(layer.dot_bound(), layer.folded_bound()) < FLOAT64_EXACT
+
+    @property
+    def scratch(self) -> float:
+        return 16.0  # the input and the output in float64
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        return float_dot(codes.double(), self.weight, self.layer.geometry, self.bias)
+
+
 def signed_digits(w: torch.Tensor) -> list[torch.Tensor]:
     """Split integer codes into int8 digits with ``w = sum_j 256**j * digits[j]``, each in [-128, 127]."""
     digits = []
@@ -85,25 +284,126 @@ def signed_digits(w: torch.Tensor) -> list[torch.Tensor]:
             return digits
 
 
-def offset_bytes(a: torch.Tensor, total_bits: int) -> tuple[list[torch.Tensor], int]:
-    """Split integer codes (a float tensor) into int8 pieces ``a = sum_i 256**i * pieces[i] + offset``.
+WEIGHT_SHIFT = 128  # see split_weights
 
-    Up to 8 bits the codes are their own piece. Wider: every piece but the top
-    is a byte ``b`` in [0, 255] stored as ``b - 128``; the top piece is signed.
-    Returns the pieces and the constant ``offset = 128 * sum_{i < top} 256**i``.
-    Floor, division by 256 and subtraction of integers are exact in the float dtype.
+
+def split_weights(weight: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
+    """``(shift, digits)`` with ``weight = shift + sum_j 256**j * digits[j]``, ``shift`` 0 or 128.
+
+    Two signed digits hold [-32896, 32639], not the top of a 16-bit word's
+    [-32768, 32767]; ``weight - 128`` always fits. Where that saves a digit
+    (one conv or GEMM per activation piece), the kernel adds
+    ``128 * sum_k a_k`` itself (``DotLayer.window_sums``).
     """
-    if total_bits <= 8:
-        return [a.to(torch.int8)], 0
-    n = math.ceil(total_bits / 8)
-    pieces, offset, rest = [], 0, a
-    for i in range(n - 1):
-        high = torch.floor(rest / 256)
-        pieces.append((rest - high * 256 - 128).to(torch.int8))
-        offset += 128 * 256**i
-        rest = high
-    pieces.append(rest.to(torch.int8))
-    return pieces, offset
+    plain = signed_digits(weight)
+    shifted = signed_digits(weight - WEIGHT_SHIFT)
+    return (WEIGHT_SHIFT, shifted) if len(shifted) < len(plain) else (0, plain)
+
+
+def piece_count(total_bits: int) -> int:
+    """How many 8-bit pieces ``fused.byte_pieces`` cuts a word of ``total_bits`` into."""
+    return max(1, math.ceil(total_bits / 8))
+
+
+def _onednn_chunks(layer: DotLayer, digits: list[torch.Tensor]) -> list[slice] | None:
+    """Input-channel chunks for ``OneDNNInt8Kernel``: each call's sum of one activation piece times one
+    weight digit stays below ``2**24`` (8-bit words: the codes themselves, pieces: at most 128)."""
+    if piece_count(layer.act_bits) == 1 and len(digits) == 1:
+        return layer.input_chunks(layer.abs_sums(), layer.act_max, FLOAT32_EXACT)
+    digit_sums = torch.stack([layer.abs_sums(d.double()) for d in digits]).amax(0)
+    return layer.input_chunks(digit_sums, PIECE, FLOAT32_EXACT)
+
+
+def _onednn_available() -> bool:
+    return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv_pointwise") and torch.backends.mkldnn.is_available()
+
+
+class OneDNNInt8Kernel(Kernel):
+    """oneDNN int8 convolutions or matmuls (uint8 input with zero point 128, int8 weights), float32 output.
+
+    Each call sums products of one activation piece and one weight digit over
+    one chunk of input channels; its float32 output is exact below ``2**24``.
+    A single call (8-bit words, one chunk) folds the output scale and the bias in.
+    """
+
+    name = "onednn_int8"
+
+    def __init__(self, layer: DotLayer, device: torch.device, exact: bool = True) -> None:
+        super().__init__(layer, device)
+        self.shift, self.digits = split_weights(layer.weight)
+        self.n_pieces = piece_count(layer.act_bits)
+        self.chunks = _onednn_chunks(layer, self.digits) if exact else [slice(None)]
+        single = self.n_pieces == 1 and len(self.digits) == 1 and len(self.chunks) == 1
+        self.folded = not layer.raw and single and (not exact or layer.folded_bound() < FLOAT32_EXACT)
+        cout = layer.out_channels
+        self.scales = (layer.out_scale if self.folded else torch.ones(cout, dtype=torch.float64)).float()
+        self.bias = layer.bias_out.float() if self.folded else None
+        self.zero_points = torch.zeros(cout, dtype=torch.int64)
+        # Wide words: the constant C of the pieces is added for every input position, padding
+        # included, so the zero codes of the padding are split like any others: pad first.
+        self.padding = (0, 0) if self.n_pieces > 1 else layer.geometry.padding
+        self.row_sums = layer.channel_view((layer.weight - self.shift).reshape(cout, -1).sum(1)).to(device)
+        self.packed = [[self._pack(d[:, c]) for c in self.chunks] for d in self.digits]  # per digit, per chunk
+        self.calls = self.n_pieces * len(self.digits) * len(self.chunks) + (self.shift != 0)
+
+    def _pack(self, digit: torch.Tensor):
+        """oneDNN's packed form of one weight digit (int8) of one chunk."""
+        g = self.layer.geometry
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if g.is_linear:
+                return torch.ops.onednn.qlinear_prepack(digit.contiguous(), None)
+            return torch.ops.onednn.qconv_prepack(
+                digit.contiguous(memory_format=torch.channels_last), self.scales, 1.0, 128,
+                list(g.stride), list(self.padding), list(g.dilation), g.groups, None,
+            )
+
+    @classmethod
+    def applies(cls, layer: DotLayer, device: torch.device) -> bool:
+        if device.type != "cpu" or not _onednn_available():
+            return False
+        _, digits = split_weights(layer.weight)
+        chunks = _onednn_chunks(layer, digits)
+        return chunks is not None and piece_count(layer.act_bits) * len(digits) * len(chunks) <= MAX_CALLS
+
+    def _pieces(self, codes: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+        """The activation pieces as the oneDNN inputs: uint8 ``piece + 128`` (zero point 128).
+
+        uint8, also for matmuls that take int8: oneDNN's signed-input matmul
+        ran a reference path, 4000 times slower (3 s against 0.8 ms, 32 x 2304 x 4096).
+        """
+        g = self.layer.geometry
+        if self.padding != g.padding:
+            ph, pw = g.padding
+            codes = F.pad(codes, (pw, pw, ph, ph))
+        return byte_pieces(codes, self.layer.act_bits, unsigned=True)
+
+    def _call(self, x: torch.Tensor, packed) -> torch.Tensor:
+        g = self.layer.geometry
+        if g.is_linear:
+            return torch.ops.onednn.qlinear_pointwise(
+                x, 1.0, 128, packed, self.scales, self.zero_points, self.bias, 1.0, 0, torch.float32, "none", [], ""
+            )
+        return torch.ops.onednn.qconv_pointwise(
+            x, 1.0, 128, packed, self.scales, self.zero_points, self.bias,
+            list(g.stride), list(self.padding), list(g.dilation), g.groups, 1.0, 0, torch.float32, "none", [], "",
+        )
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        pieces, offset = self._pieces(codes)
+        layout = torch.contiguous_format if self.layer.geometry.is_linear else torch.channels_last
+        if self.folded:
+            return self._call(pieces[0].contiguous(memory_format=layout), self.packed[0][0])
+        terms, multipliers = [], []
+        for i, piece in enumerate(pieces):
+            for j, per_chunk in enumerate(self.packed):
+                for chunk, packed in zip(self.chunks, per_chunk):
+                    terms.append(self._call(piece[:, chunk].contiguous(memory_format=layout), packed))
+                    multipliers.append(256.0 ** (i + j))
+        if self.shift:
+            terms.append(self.layer.window_sums(codes))
+            multipliers.append(float(self.shift))
+        return self.layer.combine(terms, multipliers, self.row_sums * offset if offset else None)
 
 
 def _im2col_nhwc(x: torch.Tensor, kernel: tuple[int, int], g: ConvGeometry) -> tuple[torch.Tensor, int, int]:
@@ -111,101 +411,123 @@ def _im2col_nhwc(x: torch.Tensor, kernel: tuple[int, int], g: ConvGeometry) -> t
     (kh, kw), (sh, sw), (dh, dw) = kernel, g.stride, g.dilation
     cols = x.unfold(1, (kh - 1) * dh + 1, sh).unfold(2, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]  # (N, OH, OW, C, kh, kw)
     n, oh, ow, c = cols.shape[:4]
-    return cols.permute(0, 1, 2, 4, 5, 3).reshape(n * oh * ow, kh * kw * c), oh, ow
+    return _row_major(cols.permute(0, 1, 2, 4, 5, 3).reshape(n * oh * ow, kh * kw * c)), oh, ow
 
 
-@dataclass
-class Int8Weights:
-    """Weight codes prepared for ``int8_dot``: signed digits as (K, Cout) int8 matrices.
+def _row_major(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix`` with plain row-major strides. ``_int_mm`` reads the strides to tell a transposed
+    operand, and a size-1 dimension's stride (a view, or even ``contiguous()``) can mislead it."""
+    if matrix.stride() == (matrix.shape[1], 1):
+        return matrix
+    return torch.empty(matrix.shape, dtype=matrix.dtype, device=matrix.device).copy_(matrix)
 
-    K runs over (kernel row, kernel column, input channel), matching ``_im2col_nhwc``.
-    """
 
-    digits: list[torch.Tensor]
-    row_sums: torch.Tensor  # (Cout,) float64: sum_k w_k, for the activation offset
-    kernel: tuple[int, int]
+class Int8MatmulKernel(Kernel):
+    """``torch._int_mm`` GEMMs over im2col rows of 8-bit pieces; int32 holds every piece sum."""
 
-    @classmethod
-    def prepare(cls, weight_codes: torch.Tensor, device: torch.device | str = "cpu") -> Int8Weights:
-        w = weight_codes.to(torch.int64)
+    name = "int8_mm"
+
+    def __init__(self, layer: DotLayer, device: torch.device) -> None:
+        super().__init__(layer, device)
+        w = layer.weight.to(torch.int64)
         if w.dim() == 2:
             w = w[:, :, None, None]
-        rows = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)  # (Cout, K)
-        digits = [d.T.contiguous().to(device) for d in signed_digits(rows)]
-        return cls(digits, rows.sum(1).to(torch.float64).to(device), tuple(w.shape[2:]))
+        rows = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)  # (Cout, K), K over (kernel row, column, channel)
+        self.shift, digits = split_weights(rows)
+        self.digits = [_row_major(d.T).to(device) for d in digits]
+        self.row_sums = layer.channel_view((rows - self.shift).sum(1).to(torch.float64)).to(device)
+        self.kernel_size = tuple(w.shape[2:])
+        self.calls = piece_count(layer.act_bits) * len(self.digits) + (self.shift != 0)
+
+    @property
+    def scratch(self) -> float:
+        layer = self.layer
+        im2col = piece_count(layer.act_bits) * layer.weight[0].numel() / layer.out_channels  # int8 rows per output element
+        return 4.0 * self.calls + 8.0 + im2col
+
+    @classmethod
+    def applies(cls, layer: DotLayer, device: torch.device) -> bool:
+        k = layer.weight[0].numel()
+        return device.type == "cpu" and layer.geometry.groups == 1 and k * PIECE * PIECE < INT32_EXACT and layer.dot_bound() < FLOAT64_EXACT
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        g = self.layer.geometry
+        x = codes
+        if not g.is_linear:
+            if any(g.padding):
+                ph, pw = g.padding
+                x = F.pad(x, (pw, pw, ph, ph))  # zero codes, split below like any other value
+            x = x.permute(0, 2, 3, 1)  # NHWC: the channels of one pixel are contiguous in the im2col rows
+        pieces, offset = byte_pieces(x, self.layer.act_bits, unsigned=False)
+        terms, multipliers = [], []
+        for i, piece in enumerate(pieces):
+            if g.is_linear:
+                cols = _row_major(piece)
+            else:
+                cols, oh, ow = _im2col_nhwc(piece.contiguous(), self.kernel_size, g)
+            for j, digit in enumerate(self.digits):
+                term = torch._int_mm(cols, digit)  # exact int32: |.| <= K * 2**14
+                terms.append(term if g.is_linear else term.reshape(codes.shape[0], oh, ow, -1).permute(0, 3, 1, 2))
+                multipliers.append(256.0 ** (i + j))
+        if self.shift:
+            terms.append(self.layer.window_sums(codes))
+            multipliers.append(float(self.shift))
+        return self.layer.combine(terms, multipliers, self.row_sums * offset if offset else None)
 
 
-def int8_dot(codes: torch.Tensor, act_bits: int, weights: Int8Weights, geometry: ConvGeometry) -> torch.Tensor:
-    """The exact accumulator (float64, below 2**53) by int8 GEMMs over 8-bit pieces; ungrouped layers only.
+class Float32PiecesKernel(Kernel):
+    """Grouped convolutions with a small window: float32 convolutions of 8-bit pieces, each sum below ``K * 2**14``."""
 
-    A conv's result comes back as an NCHW view of NHWC memory (channels-last),
-    which the following element-wise operations and convolutions accept as is.
-    """
-    g = geometry
-    x = codes
-    if not g.is_linear:
+    name = "float32_pieces"
+
+    def __init__(self, layer: DotLayer, device: torch.device) -> None:
+        super().__init__(layer, device)
+        self.shift, digits = split_weights(layer.weight)
+        self.digits = [d.to(torch.float32).to(device) for d in digits]
+        self.row_sums = layer.channel_view((layer.weight - self.shift).reshape(layer.out_channels, -1).sum(1)).to(device)
+        self.calls = piece_count(layer.act_bits) * len(self.digits) + (self.shift != 0)
+
+    @classmethod
+    def applies(cls, layer: DotLayer, device: torch.device) -> bool:
+        g = layer.geometry
+        window = layer.weight[0].numel()
+        return device.type == "cpu" and g.groups > 1 and not g.is_linear and window * PIECE * PIECE < FLOAT32_EXACT
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        g = self.layer.geometry
+        x = codes
         if any(g.padding):
             ph, pw = g.padding
             x = F.pad(x, (pw, pw, ph, ph))  # zero codes, split below like any other value
-        x = x.permute(0, 2, 3, 1)  # NHWC: the channels of one pixel are contiguous in the im2col rows
-    pieces, offset = offset_bytes(x, act_bits)
-    # Products of the same weight 256**p add up in int32 first where that stays exact
-    # (count * K * 2**14 < 2**31), so each power converts to float64 once.
-    by_power: dict[int, list[torch.Tensor]] = {}
-    for i, piece in enumerate(pieces):
-        if g.is_linear:
-            cols = piece.contiguous()
-        else:
-            cols, oh, ow = _im2col_nhwc(piece.contiguous(), weights.kernel, g)
-        for j, digit in enumerate(weights.digits):
-            by_power.setdefault(i + j, []).append(torch._int_mm(cols, digit))  # |.| <= K * 2**14
-    acc = None
-    for power, terms in sorted(by_power.items()):
-        if len(terms) * cols.shape[1] * 2**14 < 2**31:
-            terms = [functools.reduce(torch.Tensor.add_, terms)]
-        for term in terms:
-            if acc is None:
-                acc = term.to(torch.float64) * 256**power if power else term.to(torch.float64)
-            else:
-                acc.add_(term, alpha=256**power)
-    if offset:
-        acc.add_(weights.row_sums, alpha=offset)
-    if g.is_linear:
-        return acc
-    return acc.reshape(codes.shape[0], oh, ow, -1).permute(0, 3, 1, 2)
+        pieces, offset = byte_pieces(x, self.layer.act_bits, unsigned=False)
+        terms, multipliers = [], []
+        for i, piece in enumerate(pieces):
+            a = piece.to(torch.float32)
+            for j, digit in enumerate(self.digits):
+                terms.append(F.conv2d(a, digit, None, g.stride, 0, g.dilation, g.groups))
+                multipliers.append(256.0 ** (i + j))
+        if self.shift:
+            terms.append(self.layer.window_sums(codes))
+            multipliers.append(float(self.shift))
+        return self.layer.combine(terms, multipliers, self.row_sums * offset if offset else None)
 
 
-@dataclass
-class PieceWeights:
-    """Weight codes as signed 8-bit digits in float32 conv layout, for ``float32_pieces_dot``."""
-
-    digits: list[torch.Tensor]  # each (Cout, Cin/groups, kh, kw) float32, values in [-128, 127]
-    row_sums: torch.Tensor  # (1, Cout, 1, 1) float64: sum_k w_k, for the activation offset
-
-    @classmethod
-    def prepare(cls, weight_codes: torch.Tensor, device: torch.device | str = "cpu") -> PieceWeights:
-        digits = [d.to(torch.float32).to(device) for d in signed_digits(weight_codes)]
-        sums = weight_codes.to(torch.float64).reshape(weight_codes.shape[0], -1).sum(1)
-        return cls(digits, sums.reshape(1, -1, 1, 1).to(device))
+# The measured kernels, in the order they are tried (ties go to the first).
+EXACT_KERNELS: tuple[type[Kernel], ...] = (OneDNNInt8Kernel, Float32Kernel, Int8MatmulKernel, Float32PiecesKernel, Float64Kernel)
+KERNEL_NAMES = tuple(k.name for k in EXACT_KERNELS) + ("sequential",)
 
 
-def float32_pieces_dot(codes: torch.Tensor, act_bits: int, weights: PieceWeights, geometry: ConvGeometry) -> torch.Tensor:
-    """The exact accumulator (float64) of a grouped conv from float32 convolutions of 8-bit pieces."""
-    g = geometry
-    x = codes
-    if any(g.padding):
-        ph, pw = g.padding
-        x = F.pad(x, (pw, pw, ph, ph))  # zero codes, split below like any other value
-    pieces, offset = offset_bytes(x, act_bits)
-    acc = None
-    for i, piece in enumerate(pieces):
-        a = piece.to(torch.float32)
-        for j, digit in enumerate(weights.digits):
-            term = F.conv2d(a, digit, None, g.stride, 0, g.dilation, g.groups).to(torch.float64)
-            acc = term * 256 ** (i + j) if acc is None else acc.add_(term, alpha=256 ** (i + j))
-    if offset:
-        acc.add_(weights.row_sums * offset)
-    return acc
+def exact_candidates(layer: DotLayer, device: torch.device) -> list[Kernel]:
+    """Every kernel that is available on ``device`` and provably exact for ``layer``."""
+    return [k(layer, device) for k in EXACT_KERNELS if k.applies(layer, device)]
+
+
+def fast_candidates(layer: DotLayer, device: torch.device) -> list[Kernel]:
+    """``arithmetic=fast``: one call without the bound (inexact where partial sums pass ``2**24``)."""
+    found: list[Kernel] = [Float32Kernel(layer, device, exact=False)]
+    if device.type == "cpu" and _onednn_available() and layer.act_bits <= 8 and len(signed_digits(layer.weight)) == 1:
+        found.insert(0, OneDNNInt8Kernel(layer, device, exact=False))
+    return found
 
 
 def sequential_dot(

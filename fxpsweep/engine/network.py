@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import math
 import operator
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.fx
@@ -43,6 +46,7 @@ from fxpsweep.engine.calibration import (
     max_abs,
 )
 from fxpsweep.engine.fixedpoint import QFormat
+from fxpsweep.engine.kernel_choice import KernelChooser
 from fxpsweep.engine.ops import (
     Dequantize,
     FixedAdd,
@@ -54,8 +58,10 @@ from fxpsweep.engine.ops import (
     FixedOp,
 )
 from fxpsweep.engine.settings import QuantSettings
-from fxpsweep.engine.statistics import RELU_SUFFIX, StatsObserver
+from fxpsweep.engine.statistics import RELU_SUFFIX, StatsObserver, tensor_fingerprint
 from fxpsweep.errors import ConfigError
+from fxpsweep.precision.rules import Rule, resolve
+from fxpsweep.sweep.storage import SOURCES, cached
 
 # Operations that map grid values to grid values: they run on codes unchanged.
 EXACT_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
@@ -83,6 +89,7 @@ class TensorFormat:
     overflow: str
     overflows: int | None = None
     values: int | None = None
+    kernel: str | None = None  # a conv/linear output: the kernel that computed it
 
 
 def batchnorm_as_conv(bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -170,6 +177,11 @@ def _is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     )
 
 
+def _intersect(a: tuple[float, float] | None, b: tuple[float, float]) -> tuple[float, float]:
+    """Two clamps applied one after the other, as one."""
+    return b if a is None else (max(a[0], b[0]), min(a[1], b[1]))
+
+
 def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
     """The nodes whose values ``node`` consumes, in order (a torch.cat's list flattened)."""
     found: list[torch.fx.Node] = []
@@ -180,7 +192,11 @@ def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
 class QuantizedNetwork(nn.Module):
     """A float network turned into its fixed-point simulation (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, settings: QuantSettings) -> None:
+    def __init__(
+        self, model: nn.Module, settings: QuantSettings, cache_dir: str | Path | None = None, rules: list[Rule] | None = None
+    ) -> None:
+        """``cache_dir``: where kernel choices and weight formats are remembered (None: in memory only).
+        ``rules``: per-layer word lengths (``fxpsweep.precision.rules``) over the global ones of ``settings``."""
         super().__init__()
         self.settings = settings
         gm = _trace(model, settings.batchnorm)
@@ -217,9 +233,38 @@ class QuantizedNetwork(nn.Module):
         gm.recompile()
         self.graph_module = gm
         modules = dict(gm.named_modules())
-        for node in graph.nodes:
+        for node in list(graph.nodes):
             if node.op == "call_module" and isinstance(modules[node.target], FixedOp):
-                modules[node.target].only_relu_reads = bool(node.users) and all(_is_relu(u, modules) for u in node.users)
+                readers = list(node.users)
+                if readers and all(_is_relu(u, modules) for u in readers):
+                    # The ReLU is applied as the register is written (same codes, one pass less).
+                    op = modules[node.target]
+                    op.only_relu_reads = True
+                    op.read_clamp = _intersect(op.read_clamp, (0.0, math.inf))
+                    for relu in readers:
+                        relu.replace_all_uses_with(node)
+                        graph.erase_node(relu)
+        for node in list(graph.nodes):
+            clamp = modules.get(node.target) if node.op == "call_module" else None
+            if isinstance(clamp, FixedClamp):
+                (source,) = _tensor_inputs(node)
+                producer = modules.get(source.target) if source.op == "call_module" else None
+                if isinstance(producer, FixedOp) and len(source.users) == 1:
+                    # A ReLU6 or Hardtanh that is a register's only reader: applied as it is written.
+                    producer.read_clamp = _intersect(producer.read_clamp, clamp.read_clamp)
+                    node.replace_all_uses_with(source)
+                    graph.erase_node(node)
+                    self.ops.remove(clamp)
+        graph.lint()
+        gm.recompile()
+        self.cache_dir = cache_dir
+        # Clamps keep their input's format: no register of their own for a rule to set.
+        self.layer_bits = resolve(rules or [], {op.name: isinstance(op, FixedDot) for op in self.ops if not isinstance(op, FixedClamp)})
+        self.weight_format_sources: set[str] = set()
+        chooser = KernelChooser(cache_dir)
+        for op in self.ops:
+            if isinstance(op, FixedDot):
+                op.chooser = chooser
         self.calibrated = False
 
     def _add(self, gm: torch.fx.GraphModule, op: FixedOp) -> str:
@@ -307,33 +352,64 @@ class QuantizedNetwork(nn.Module):
         finally:
             self.graph_module.float()
 
+    def settings_for(self, op: FixedOp) -> QuantSettings:
+        """The settings of one operation: the global ones with the word lengths its rules set."""
+        bits, s = self.layer_bits.get(op.name, {}), self.settings
+        if not bits:
+            return s
+        return dataclasses.replace(
+            s, param_bits=bits.get("weight", s.param_bits), bias_bits=bits.get("bias", s.bias_bits),
+            fwd_bits=bits.get("output", s.fwd_bits), acc_bits=bits.get("acc", s.acc_bits),
+        )
+
     def _weight_formats(self, op: FixedDot) -> list[QFormat]:
-        """Weight formats, one per output channel (all equal per tensor), F chosen by the weight method."""
-        s = self.settings
+        """Weight formats, one per output channel (all equal per tensor), F chosen by the weight method.
+
+        The search (a few quantizations of every channel, minutes for VGG's
+        classifier) depends on the weights, word length and method only: kept
+        by ``storage.cached`` for every job of a sweep and later ones.
+        """
+        s = self.settings_for(op)
         weight = op.module.weight.detach()
-        rows = weight.reshape(len(weight), -1) if s.weight_granularity == "channel" else weight.reshape(1, -1)
-        frac_bits = frac_bits_per_row(rows, s.weight_calibration, s.param_bits, s.rounding, s.overflow, s.overflow_rate)
-        if s.weight_granularity != "channel":
-            frac_bits = frac_bits * len(weight)
+
+        def search() -> list[int]:
+            rows = weight.reshape(len(weight), -1) if s.weight_granularity == "channel" else weight.reshape(1, -1)
+            frac_bits = frac_bits_per_row(rows, s.weight_calibration, s.param_bits, s.rounding, s.overflow, s.overflow_rate)
+            return frac_bits if s.weight_granularity == "channel" else frac_bits * len(weight)
+
+        identity = {
+            "weights": tensor_fingerprint(weight), "bits": s.param_bits, "method": s.weight_calibration,
+            "granularity": s.weight_granularity, "rounding": s.rounding, "overflow": s.overflow, "rate": s.overflow_rate,
+        }
+        frac_bits, source = cached("weight_formats", identity, self.cache_dir, search)
+        self.weight_format_sources.add(source)
         return [s.parameter_format(f) for f in frac_bits]
 
-    def _bias_format(self, bias: torch.Tensor | None, acc_frac: int) -> QFormat | None:
+    @property
+    def weight_formats_source(self) -> str:
+        """Where the weight formats came from: ``computed`` if any layer's was, else ``cache``, else ``memory``."""
+        return max(self.weight_format_sources, key=SOURCES.index, default="computed")
+
+    def _bias_format(self, op: FixedDot, acc_frac: int) -> QFormat | None:
         """The bias format: the max rule (a handful of values, each added once: none should
         overflow), but never a finer LSB than the accumulator's (``acc_frac``, input F + weight F):
         like an int32 bias at the accumulator's scale in deployed integer kernels."""
+        bias, s = op.module.bias, self.settings_for(op)
         if bias is None:
             return None
-        return self.settings.bias_format(min(frac_bits_for_max(max_abs(bias), self.settings.bias_bits), acc_frac))
+        return s.bias_format(min(frac_bits_for_max(max_abs(bias), s.bias_bits), acc_frac))
 
     def _finalize(self, stats: dict[str, TensorStats]) -> None:
-        s = self.settings
         modules = dict(self.graph_module.named_modules())
         formats: dict[str, QFormat] = {}  # node name -> format of the codes it holds
 
-        def fmt_of(node: torch.fx.Node) -> QFormat:
+        def producer(node: torch.fx.Node) -> torch.fx.Node:
             while node.name not in formats:  # exact operations pass their input's format through
                 node = _tensor_inputs(node)[0]
-            return formats[node.name]
+            return node
+
+        def fmt_of(node: torch.fx.Node) -> QFormat:
+            return formats[producer(node).name]
 
         for node in self.graph_module.graph.nodes:
             if node.op != "call_module":
@@ -344,7 +420,10 @@ class QuantizedNetwork(nn.Module):
                 continue
             if not isinstance(op, FixedOp):
                 continue
-            in_fmts = [fmt_of(n) for n in _tensor_inputs(node) if not isinstance(op, FixedInput)]
+            s = self.settings_for(op)
+            inputs = [] if isinstance(op, FixedInput) else _tensor_inputs(node)
+            in_fmts = [fmt_of(n) for n in inputs]
+            op.inputs_from = [modules[producer(n).target].name for n in inputs]
             if isinstance(op, FixedClamp):
                 out_fmt = in_fmts[0]
             else:
@@ -358,7 +437,7 @@ class QuantizedNetwork(nn.Module):
             if isinstance(op, FixedDot):
                 weight_fmts = self._weight_formats(op)
                 acc_frac = in_fmts[0].frac_bits + min(f.frac_bits for f in weight_fmts)
-                op.set_parameter_formats(weight_fmts, self._bias_format(op.module.bias, acc_frac))
+                op.set_parameter_formats(weight_fmts, self._bias_format(op, acc_frac))
             op.finalize(out_fmt, in_fmts, s, self.ops.index(op))
             formats[node.name] = out_fmt
 
@@ -369,7 +448,8 @@ class QuantizedNetwork(nn.Module):
             if op.out_fmt is None:
                 continue
             f = op.out_fmt
-            rows.append(TensorFormat(op.name, op.kind, f.total_bits, f.frac_bits, f.rounding, f.overflow, op.overflows, op.values))
+            kernel = op.kernel or None if isinstance(op, FixedDot) else None
+            rows.append(TensorFormat(op.name, op.kind, f.total_bits, f.frac_bits, f.rounding, f.overflow, op.overflows, op.values, kernel))
             for kind, fmt, overflows, values in op.extra_formats():
                 if fmt is not None:
                     rows.append(TensorFormat(op.name, kind, fmt.total_bits, fmt.frac_bits, fmt.rounding, fmt.overflow, overflows, values))
@@ -420,6 +500,6 @@ class _BiasCorrection(torch.fx.Interpreter):
         op.module.bias -= error.to(op.module.bias)
         # The bias changed: its format (max rule) may too; the kernel is rebuilt for the new codes.
         acc_frac = op.in_fmts[0].frac_bits + min(f.frac_bits for f in op.weight_fmts)
-        op.set_parameter_formats(op.weight_fmts, self.network._bias_format(op.module.bias, acc_frac))
-        op.finalize(op.out_fmt, op.in_fmts, self.network.settings, self.network.ops.index(op))
+        op.set_parameter_formats(op.weight_fmts, self.network._bias_format(op, acc_frac))
+        op.finalize(op.out_fmt, op.in_fmts, self.network.settings_for(op), self.network.ops.index(op))
         return super().call_module(target, args, kwargs)

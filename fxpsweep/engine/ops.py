@@ -1,8 +1,9 @@
 """The operations of a fixed-point network, each a register-transfer step on integer codes.
 
 Between operations, tensors hold integer codes ``k`` (values ``k * 2**-F``),
-stored in float32 for words of up to 24 bits and float64 above, so ReLU,
-max-pooling and reshapes apply to codes unchanged. Each operation here knows
+stored in float32 for words of up to 24 bits and float64 above, images in
+channels-last memory order (what the CPU's convolutions are fastest on), so
+ReLU, max-pooling and reshapes apply to codes unchanged. Each operation here knows
 the formats of its inputs and output and computes its output codes exactly
 (see ``kernels`` for the dot products).
 
@@ -13,6 +14,8 @@ statistics are gathered); afterwards it runs the integer datapath.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -20,16 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpsweep.engine import kernels
-from fxpsweep.engine.fixedpoint import (
-    QFormat,
-    apply_overflow,
-    divide_and_round,
-    quantize_codes,
-    round_and_overflow,
-)
+from fxpsweep.engine.fixedpoint import QFormat, apply_overflow, divide_and_round, quantize_codes
+from fxpsweep.engine.fused import Rounder
+from fxpsweep.engine.kernel_choice import KernelChooser
 from fxpsweep.engine.settings import QuantSettings
 from fxpsweep.engine.statistics import RELU_SUFFIX, StatsObserver
 from fxpsweep.errors import ConfigError
+
+
+SCRATCH_BUDGET = 8.0  # bytes of a conv/linear kernel's temporaries per output element, at most
+SLICE_MIN_ELEMENTS = 1 << 20  # outputs smaller than this run whole: their temporaries are small anyway
 
 
 def code_dtype(fmt: QFormat) -> torch.dtype:
@@ -46,9 +49,15 @@ class FixedOp(nn.Module):
         super().__init__()
         self.name = name
         self.observer: StatsObserver | None = None  # set while calibration statistics are gathered
-        self.only_relu_reads = False  # every reader of the output is a ReLU (set by the builder)
+        # Every reader of the output is a ReLU (the register is calibrated on what the ReLU passes).
+        self.only_relu_reads = False
+        # (low, high) in real values: a ReLU, ReLU6 or Hardtanh that is this register's only reader,
+        # removed by the builder and applied as the register is written (overflows counted before it).
+        self.read_clamp: tuple[float, float] | None = None
         self.out_fmt: QFormat | None = None
         self.in_fmts: list[QFormat] = []
+        self.inputs_from: list[str] = []  # the operations whose registers this one reads (set at finalize)
+        self.out_numel = 0  # values of the output register per image (set by the last fixed-point run)
         self.overflows = 0  # values that saturated or wrapped into out_fmt since finalize
         self.values = 0
         self.generator: torch.Generator | None = None
@@ -60,8 +69,10 @@ class FixedOp(nn.Module):
                 self.observer.update(self.name, out)
                 if self.only_relu_reads:
                     self.observer.update(self.name + RELU_SUFFIX, torch.relu(out))
-            return out
-        return self.fixed_forward(*inputs)
+            return out.clamp(*self.read_clamp) if self.read_clamp is not None else out
+        out = self.fixed_forward(*inputs)
+        self.out_numel = out[0].numel() if out.dim() else 1
+        return out
 
     def float_forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -75,13 +86,32 @@ class FixedOp(nn.Module):
         self.out_fmt = out_fmt
         if out_fmt.rounding == "stochastic":
             self.generator = torch.Generator().manual_seed(settings.seed * 100003 + index)
+        self.rounder = Rounder(out_fmt, code_dtype(out_fmt), self.generator, self.clamp_codes())
+
+    def clamp_codes(self) -> tuple[int, int]:
+        """The codes the output may take: the format's range, narrowed by ``read_clamp``.
+
+        A clamp constant not on the grid is rounded toward zero onto it (6.0
+        with an LSB of 4 becomes 4.0), and limited to the format's range.
+        """
+        f = self.out_fmt
+        if self.read_clamp is None:
+            return f.min_code, f.max_code
+        low, high = self.read_clamp
+        scale = 2.0**f.frac_bits
+        low_code = f.min_code if low == -math.inf else max(f.min_code, math.ceil(low * scale))
+        high_code = f.max_code if high == math.inf else min(f.max_code, math.floor(high * scale))
+        return low_code, high_code
+
+    def count(self, codes: torch.Tensor, overflowed: int) -> torch.Tensor:
+        """Add ``overflowed`` values of ``codes`` (this operation's output) to its overflow counts."""
+        self.overflows += overflowed
+        self.values += codes.numel()
+        return codes
 
     def emit(self, v: torch.Tensor) -> torch.Tensor:
         """Round ``v`` (output value times ``2**F_out``, exact) into the output format, counting overflows."""
-        codes, overflowed = round_and_overflow(v, self.out_fmt, self.generator)
-        self.overflows += overflowed
-        self.values += codes.numel()
-        return codes.to(code_dtype(self.out_fmt))
+        return self.count(*self.rounder.round(v))
 
     def extra_formats(self) -> list[tuple[str, QFormat | None, int | None, int | None]]:
         """(kind, format, overflows, values) of this operation's parameters and internal registers."""
@@ -101,7 +131,12 @@ class FixedInput(FixedOp):
         return x
 
     def fixed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.emit(x.to(torch.float64) * 2.0**self.out_fmt.frac_bits)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # Scaling by 2**F is exact in float32 for F >= 0 (no underflow); float64 otherwise.
+        if not (x.dtype == torch.float32 and self.out_fmt.frac_bits >= 0):
+            x = x.double()
+        return self.count(*self.rounder.scale_and_round(x, 2.0**self.out_fmt.frac_bits))
 
 
 class Dequantize(nn.Module):
@@ -123,6 +158,8 @@ class FixedDot(FixedOp):
     The output before rounding is ``acc * 2**(F_out - F_acc) + bias * 2**(F_out - F_bias)``,
     both power-of-two scalings, so exact. Weights and bias are rounded to
     ``param_bits`` at ``finalize``; the weight F may differ per output channel.
+    The kernel that computes it is the fastest of the exact ones on this
+    machine (``kernel_choice``), chosen on the first batch; ``kernel`` names it.
     """
 
     def __init__(self, name: str, module: nn.Conv2d | nn.Linear) -> None:
@@ -134,9 +171,8 @@ class FixedDot(FixedOp):
             if isinstance(module.padding, str) or module.padding_mode != "zeros":
                 raise ConfigError(f"layer {name!r}: only numeric zero padding is supported")
             self.geometry = kernels.ConvGeometry(module.stride, module.padding, module.dilation, module.groups)
-        self.kernel = ""
-        self.exact = True
-        self.folded = False
+        self.chooser = KernelChooser()  # the network gives every layer its own, with its cache folder
+        self.images_by_kernel: Counter[str] = Counter()  # how many images each kernel computed
         self.weight_fmts: list[QFormat] = []
         self.bias_fmt: QFormat | None = None
         self.acc_fmt: QFormat | None = None
@@ -151,15 +187,26 @@ class FixedDot(FixedOp):
         """Per-output-channel weight formats (all equal for per-tensor) and the bias format."""
         self.weight_fmts, self.bias_fmt = weight_fmts, bias_fmt
 
+    def weight_codes(self) -> torch.Tensor:
+        """The integer weight codes (float64, the module's weight shape), each channel in its format."""
+        weight = self.module.weight.detach().cpu()
+        return torch.stack(
+            [quantize_codes(weight[c], f.total_bits, f.frac_bits, f.rounding, f.overflow) for c, f in enumerate(self.weight_fmts)]
+        ).to(torch.float64)
+
+    def bias_codes(self) -> torch.Tensor | None:
+        """The integer bias codes (float64), None without a bias."""
+        if self.module.bias is None or self.bias_fmt is None:
+            return None
+        b = self.bias_fmt
+        return quantize_codes(self.module.bias.detach().cpu(), b.total_bits, b.frac_bits, b.rounding, b.overflow).double()
+
     def finalize(self, out_fmt: QFormat, in_fmts: list[QFormat], settings: QuantSettings, index: int) -> None:
         super().finalize(out_fmt, in_fmts, settings, index)
         a_bits, a_frac = in_fmts[0].total_bits, in_fmts[0].frac_bits
-        weight = self.module.weight.detach().cpu()
-        cout = weight.shape[0]
+        w_codes = self.weight_codes()
+        cout = w_codes.shape[0]
         w_bits = self.weight_fmts[0].total_bits
-        w_codes = torch.stack(
-            [quantize_codes(weight[c], f.total_bits, f.frac_bits, f.rounding, f.overflow) for c, f in enumerate(self.weight_fmts)]
-        ).to(torch.float64)
         w_frac = torch.tensor([f.frac_bits for f in self.weight_fmts], dtype=torch.float64)
 
         # Per-product rounding drops the low bits that a product of these words cannot keep.
@@ -171,71 +218,83 @@ class FixedDot(FixedOp):
             self.product_fmt = QFormat(settings.product_bits, int(acc_frac.min()), out_fmt.rounding, "saturate")
         if settings.acc_bits is not None:
             self.acc_fmt = QFormat(settings.acc_bits, int(acc_frac.min()), out_fmt.rounding, settings.acc_overflow)
-        if self.module.bias is not None and self.bias_fmt is not None:
-            b = self.bias_fmt
-            bias = quantize_codes(self.module.bias.detach().cpu(), b.total_bits, b.frac_bits, b.rounding, b.overflow).double()
-            bias_frac = float(b.frac_bits)
-        else:
-            bias, bias_frac = torch.zeros(cout, dtype=torch.float64), 0.0
-
-        # Bounds, in units of the finer of the accumulator's and the bias's LSB.
-        sum_frac = torch.clamp(acc_frac, min=bias_frac) if self.module.bias is not None else acc_frac
-        dot_bound = float((w_codes.abs().reshape(cout, -1).sum(1) * 2.0 ** (a_bits - 1)).max())
-        acc_range = 2.0 ** (self.acc_fmt.total_bits - 1) if self.acc_fmt is not None else dot_bound
-        total_bound = float((acc_range * torch.pow(2.0, sum_frac - acc_frac) + bias.abs() * torch.pow(2.0, sum_frac - bias_frac)).max())
-        self.kernel = self._choose_kernel(settings, dot_bound, total_bound, a_bits + w_bits, self.module.weight.device)
-        self.exact = settings.arithmetic == "exact"
-
-        view = (1, cout) if self.geometry.is_linear else (1, cout, 1, 1)
-        dtype = torch.float32 if self.kernel == "float32" else torch.float64
-        acc_to_out = torch.pow(2.0, out_fmt.frac_bits - acc_frac)
-        bias_out = bias * 2.0 ** (out_fmt.frac_bits - bias_frac)
-        # Without an accumulator word, the scaling folds into the weights and the bias into the
-        # float kernel's bias: one pass gives the output before rounding.
-        self.folded = self.kernel in ("float32", "float64") and self.acc_fmt is None
-        w_stored = w_codes * acc_to_out.reshape((cout,) + (1,) * (w_codes.dim() - 1)) if self.folded else w_codes
+        bias = self.bias_codes()
+        bias_frac = float(self.bias_fmt.frac_bits) if bias is not None else 0.0
+        layer = kernels.DotLayer(
+            weight=w_codes,
+            geometry=self.geometry,
+            act_bits=a_bits,
+            out_scale=torch.pow(2.0, out_fmt.frac_bits - acc_frac),
+            bias_out=bias * 2.0 ** (out_fmt.frac_bits - bias_frac) if bias is not None else torch.zeros(cout, dtype=torch.float64),
+            bias_unit=2.0 ** (out_fmt.frac_bits - bias_frac) if bias is not None else None,
+            raw=self.acc_fmt is not None,
+        )
+        self.layer = layer
         device = self.module.weight.device
-        self.register_buffer("w_codes", w_stored.to(dtype).to(device))
-        self.register_buffer("bias_out", bias_out.to(dtype).to(device))
-        self.register_buffer("acc_to_out", acc_to_out.reshape(view).to(dtype).to(device))
-        self.int8_weights = kernels.Int8Weights.prepare(w_codes, device) if self.kernel == "int8" else None
-        self.piece_weights = kernels.PieceWeights.prepare(w_codes, device) if self.kernel == "float32_pieces" else None
-        self.product_shift = -drop
-
-    def _choose_kernel(
-        self, settings: QuantSettings, dot_bound: float, total_bound: float, product_bits: int, device: torch.device
-    ) -> str:
-        """The fastest kernel that is exact for these bounds on ``device`` (see ``kernels``)."""
+        self.candidates: list[kernels.Kernel] = []
+        self.forced: kernels.Kernel | None = None
+        self.chosen: dict[tuple[int, ...], kernels.Kernel] = {}  # by input shape
+        self.images_by_kernel.clear()
         if self.product_fmt is not None or (self.acc_fmt is not None and self.acc_fmt.overflow == "saturate"):
-            if product_bits - 2 >= 53:
-                raise ConfigError(f"layer {self.name!r}: products of {product_bits} bits exceed the 53-bit exact range")
-            return "sequential"
+            # The order of the adds matters: one input position at a time.
+            if a_bits + w_bits - 2 >= 53:
+                raise ConfigError(f"layer {self.name!r}: products of {a_bits + w_bits} bits exceed the 53-bit exact range")
+            self.forced = None
+            self.w_codes = w_codes.to(device)
+            self.product_shift = -drop
+            return
         if settings.arithmetic == "fast":
-            return "float32"
-        if dot_bound < kernels.FLOAT32_EXACT and total_bound < kernels.FLOAT32_EXACT:
-            return "float32"
-        if max(dot_bound, total_bound) >= kernels.FLOAT64_EXACT:
-            raise ConfigError(
-                f"layer {self.name!r}: its accumulator may reach {max(dot_bound, total_bound):.3g}, beyond the 2**53 "
-                "that fxpsweep simulates exactly; use fewer bits or a narrower acc_bits with acc_overflow=saturate"
-            )
-        # CPU: integer GEMM beats float64 for ungrouped layers, float32 pieces for small
-        # grouped windows. CUDA's int8 GEMM wants shapes in multiples of 8, and its
-        # float64 units are fast: float64 there.
-        if device.type != "cpu":
-            return "float64"
-        if self.geometry.groups == 1:
-            return "int8"
-        window = self.module.weight[0].numel()  # K of one group
-        return "float32_pieces" if window * 2**14 < kernels.FLOAT32_EXACT else "float64"
+            self.candidates = kernels.fast_candidates(layer, device)
+        else:
+            bound = max(layer.dot_bound(), layer.folded_bound())
+            if bound >= kernels.FLOAT64_EXACT:
+                raise ConfigError(
+                    f"layer {self.name!r}: its accumulator may reach {bound:.3g}, beyond the 2**53 that fxpsweep "
+                    "simulates exactly; use fewer bits or a narrower acc_bits with acc_overflow=saturate"
+                )
+            self.candidates = kernels.exact_candidates(layer, device)
+        if settings.kernel != "auto":
+            forced = [k for k in self.candidates if k.name == settings.kernel]
+            self.candidates = forced or self.candidates  # where it is not exact, the layer chooses among the others
+        if len(self.candidates) == 1:
+            self.use(self.candidates[0])
 
-    def _accumulate(self, codes: torch.Tensor) -> torch.Tensor:
-        """The raw accumulator ``sum_k a_k * w_k`` (integer-valued float tensor)."""
-        if self.kernel == "int8":
-            return kernels.int8_dot(codes, self.in_fmts[0].total_bits, self.int8_weights, self.geometry)
-        if self.kernel == "float32_pieces":
-            return kernels.float32_pieces_dot(codes, self.in_fmts[0].total_bits, self.piece_weights, self.geometry)
-        if self.kernel == "sequential":
+    @property
+    def sequential(self) -> bool:
+        """Whether the order of the adds matters (``sequential_dot``), so no kernel is chosen."""
+        return self.product_fmt is not None or (self.acc_fmt is not None and self.acc_fmt.overflow == "saturate")
+
+    @property
+    def kernel(self) -> str:
+        """The kernel that computed most of the images so far (``sequential``, or "" before any)."""
+        if self.sequential:
+            return "sequential"
+        return self.images_by_kernel.most_common(1)[0][0] if self.images_by_kernel else ""
+
+    def use(self, kernel: kernels.Kernel) -> None:
+        """Run this layer on ``kernel`` from now on, whatever the input."""
+        self.forced = kernel
+
+    def _out_numel_per_image(self, codes: torch.Tensor) -> int:
+        if self.geometry.is_linear:
+            return self.layer.out_channels
+        g, (kh, kw) = self.geometry, self.layer.weight.shape[2:]
+        size = [(codes.shape[2 + i] + 2 * g.padding[i] - g.dilation[i] * (k - 1) - 1) // g.stride[i] + 1 for i, k in enumerate((kh, kw))]
+        return self.layer.out_channels * size[0] * size[1]
+
+    def _kernel_for(self, codes: torch.Tensor) -> kernels.Kernel:
+        """The forced kernel, else the fastest on inputs of this shape (timed on the first such input)."""
+        if self.forced is not None:
+            return self.forced
+        shape = tuple(codes.shape)
+        if shape not in self.chosen:
+            # Timed on as many images as the most sliced candidate runs at once (see fixed_forward).
+            first = min(self._slice_size(k, codes) for k in self.candidates)
+            self.chosen[shape] = self.chooser.choose(self.candidates, codes[:first], self.name)
+        return self.chosen[shape]
+
+    def fixed_forward(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.sequential:
             acc, p_over, a_over = kernels.sequential_dot(
                 codes, self.w_codes, self.geometry, self.product_fmt, self.product_shift, self.acc_fmt
             )
@@ -244,20 +303,37 @@ class FixedDot(FixedOp):
             self.product_values += adds if self.product_fmt is not None else 0
             self.acc_overflows += a_over
             self.acc_values += adds if self.acc_fmt is not None else 0
-            return acc
-        return kernels.float_dot(codes.to(self.w_codes.dtype), self.w_codes, self.geometry, exact=self.exact)
+            return self.emit(self.layer.output(acc))
+        kernel = self._kernel_for(codes)
+        self.images_by_kernel[kernel.label] += len(codes)
+        step = self._slice_size(kernel, codes)
+        if step >= len(codes):
+            return self._dot_codes(kernel, codes)
+        # A kernel with large temporaries runs on slices of the batch, so that they stay below
+        # SCRATCH_BUDGET bytes per output element: peak memory near float32's.
+        parts = [self._dot_codes(kernel, codes[i : i + step]) for i in range(0, len(codes), step)]
+        out = torch.empty((len(codes),) + parts[0].shape[1:], dtype=parts[0].dtype, device=codes.device,
+                          memory_format=torch.channels_last if parts[0].dim() == 4 else torch.contiguous_format)
+        for i, part in zip(range(0, len(codes), step), parts):
+            out[i : i + step] = part
+        return out
 
-    def fixed_forward(self, codes: torch.Tensor) -> torch.Tensor:
-        if self.folded:
-            v = kernels.float_dot(codes.to(self.w_codes.dtype), self.w_codes, self.geometry, self.bias_out, self.exact)
-        else:
-            acc = self._accumulate(codes).to(self.acc_to_out.dtype)
-            if self.acc_fmt is not None and self.kernel != "sequential":
-                # A wrapping accumulator is order-independent: wrap the exact sum once.
-                self.acc_overflows += int(torch.count_nonzero((acc < self.acc_fmt.min_code) | (acc > self.acc_fmt.max_code)))
-                self.acc_values += acc.numel()
-                acc = apply_overflow(acc, self.acc_fmt.total_bits, self.acc_fmt.overflow)
-            v = torch.addcmul(self.bias_out.reshape(self.acc_to_out.shape), acc, self.acc_to_out)
+    def _slice_size(self, kernel: kernels.Kernel, codes: torch.Tensor) -> int:
+        """Images per call of ``kernel`` on the batch ``codes``: temporaries of at most ``SCRATCH_BUDGET``
+        bytes per output element, where the output is large enough for memory to matter."""
+        n = len(codes)
+        if n * self._out_numel_per_image(codes) < SLICE_MIN_ELEMENTS:
+            return n
+        return -(-n // max(1, math.ceil(kernel.scratch / SCRATCH_BUDGET)))
+
+    def _dot_codes(self, kernel: kernels.Kernel, codes: torch.Tensor) -> torch.Tensor:
+        """The output codes of ``codes`` on ``kernel``, overflows counted."""
+        v = kernel(codes)
+        if self.acc_fmt is not None:
+            # A wrapping accumulator is order-independent: wrap the exact sum once.
+            self.acc_overflows += int(torch.count_nonzero((v < self.acc_fmt.min_code) | (v > self.acc_fmt.max_code)))
+            self.acc_values += v.numel()
+            v = self.layer.output(apply_overflow(v, self.acc_fmt.total_bits, self.acc_fmt.overflow))
         return self.emit(v)
 
     def reset_counts(self) -> None:
@@ -291,8 +367,7 @@ class FixedAdd(FixedOp):
         self.scale_b = 2.0 ** (out_fmt.frac_bits - fb.frac_bits)
 
     def fixed_forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        v = a.to(self.dtype) * self.scale_a
-        return self.emit(v.add_(b.to(self.dtype), alpha=self.scale_b))
+        return self.count(*self.rounder.add_and_round(a.to(self.dtype), b, self.scale_a, self.scale_b))
 
 
 class FixedCat(FixedOp):
@@ -358,25 +433,24 @@ class FixedAvgPool(FixedOp):
         fmt = self.out_fmt
         self.overflows += int(torch.count_nonzero((k < fmt.min_code) | (k > fmt.max_code)))
         self.values += k.numel()
-        return apply_overflow(k, fmt.total_bits, fmt.overflow).to(code_dtype(fmt))
+        k = apply_overflow(k, fmt.total_bits, fmt.overflow)
+        return k.clamp_(*self.clamp_codes()).to(code_dtype(fmt))
 
 
 class FixedClamp(FixedOp):
-    """ReLU6 and Hardtanh: a clamp on the grid; the output keeps the input's format.
+    """ReLU6 and Hardtanh: a clamp on the grid; the output keeps the input's format (see ``clamp_codes``).
 
-    A clamp constant that is not on the grid is rounded toward zero onto it
-    (6.0 in a format with LSB 4 becomes 4.0), and limited to the format's range.
+    Where it is the only reader of a register, the builder removes it and that
+    register applies it as it is written (``read_clamp``).
     """
 
     def __init__(self, name: str, low: float, high: float, float_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__(name)
         self.low, self.high, self.float_fn = low, high, float_fn
+        self.read_clamp = (low, high)
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.float_fn(x)
 
     def fixed_forward(self, codes: torch.Tensor) -> torch.Tensor:
-        f = self.in_fmts[0]
-        low = max(f.min_code, int(torch.ceil(torch.tensor(self.low * 2.0**f.frac_bits))))
-        high = min(f.max_code, int(torch.floor(torch.tensor(self.high * 2.0**f.frac_bits))))
-        return codes.clamp(low, high)
+        return codes.clamp(*self.clamp_codes())

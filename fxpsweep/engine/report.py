@@ -50,7 +50,7 @@ def layer_sqnr(float_twin: QuantizedNetwork, quant: QuantizedNetwork, batches: I
 
 
 def layer_table(formats: list[TensorFormat], sqnr: dict[str, float]) -> pd.DataFrame:
-    """One row per register: layer, kind, W, F, weight F (range if per channel), overflows / values, SQNR."""
+    """One row per register: layer, kind, W, F, weight F (range if per channel), overflows / values, SQNR, kernel."""
     rows = []
     weight_frac: dict[str, list[int]] = {}
     for f in formats:
@@ -68,5 +68,6 @@ def layer_table(formats: list[TensorFormat], sqnr: dict[str, float]) -> pd.DataF
             "weight F": "" if not wf else str(wf[0]) if min(wf) == max(wf) else f"{min(wf)}..{max(wf)}",
             "overflows": f"{f.overflows}/{f.values}",
             "SQNR dB": round(sqnr.get(f.layer, math.nan), 2),
+            "kernel": f.kernel or "",
         })
     return pd.DataFrame(rows)

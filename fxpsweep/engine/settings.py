@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fxpsweep.engine.calibration import GRANULARITIES, METHODS
+from fxpsweep.engine.kernels import KERNEL_NAMES
 from fxpsweep.engine.fixedpoint import (
     OVERFLOW_MODES,
     ROUNDING_MODES,
@@ -34,7 +35,9 @@ class QuantSettings:
     product into a word of this many bits before it is summed (None: exact).
     ``batchnorm``: ``fold`` into the preceding conv, or ``keep`` as a quantized
     per-channel multiply-add. ``arithmetic``: ``exact`` (bit-exact) or ``fast``
-    (float32 throughout, inexact where partial sums pass 2**24).
+    (one float32 or int8 call per layer, inexact where partial sums pass 2**24).
+    ``kernel``: ``auto`` (each conv/linear runs on the fastest exact kernel,
+    measured) or a kernel's name, forced on every layer it is exact for.
     ``act_calibration`` / ``weight_calibration``: how F is chosen (see
     ``calibration``), weights ``per tensor`` or ``per channel``
     (``weight_granularity``); ``overflow_rate``: the fraction the
@@ -53,6 +56,7 @@ class QuantSettings:
     product_bits: int | None = None
     batchnorm: str = "fold"
     arithmetic: str = "exact"
+    kernel: str = "auto"
     act_calibration: str = "mse"
     weight_calibration: str = "mse"
     weight_granularity: str = "channel"
@@ -73,6 +77,7 @@ class QuantSettings:
             check_bits(self.product_bits, "product_bits")
         _check_choice("batchnorm", self.batchnorm, BATCHNORM_MODES)
         _check_choice("arithmetic", self.arithmetic, ARITHMETIC_MODES)
+        _check_choice("kernel", self.kernel, ("auto",) + KERNEL_NAMES[:-1])
         _check_choice("calibration.activations", self.act_calibration, METHODS)
         _check_choice("calibration.weights", self.weight_calibration, METHODS)
         _check_choice("calibration.granularity", self.weight_granularity, GRANULARITIES)

@@ -3,14 +3,13 @@
 Statistics depend on the model, the calibration images and how BatchNorm is
 treated, not on any word length: a sweep gathers them once and every job
 reuses them, from memory when the jobs share a process and from
-``<cache_dir>/calibration/<key>.pt`` when they share a cache folder.
+``<cache_dir>/calibration/<key>.pt`` when they share a cache folder
+(``fxpsweep.sweep.storage.cached``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,11 @@ from typing import Any
 import torch
 
 from fxpsweep.engine.calibration import TensorStats
-from fxpsweep.sweep.storage import atomic_torch_save
-
-log = logging.getLogger(__name__)
+from fxpsweep.sweep.storage import cached
 
 SAMPLE_SIZE = 16384  # values kept per tensor, uniformly at random
 STATS_VERSION = 3  # bump when what is gathered changes: old cache files are then ignored (3: gathered in float64)
 RELU_SUFFIX = "|relu"  # statistics of relu(output), for registers read only by a ReLU
-
-_in_memory: dict[str, dict[str, TensorStats]] = {}
-
 
 class StatsObserver:
     """Accumulates, per named tensor, the largest magnitude and a uniform random sample of values."""
@@ -65,33 +59,23 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def stats_key(identity: dict[str, Any]) -> str:
-    """A short hash of everything the statistics depend on."""
-    text = json.dumps({"version": STATS_VERSION, "sample": SAMPLE_SIZE, **identity}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def tensor_fingerprint(t: torch.Tensor) -> str:
+    """An exact fingerprint of one tensor (its dtype, shape and bytes), for cache keys."""
+    data = t.detach().cpu().contiguous()
+    header = f"{data.dtype}:{tuple(data.shape)}:".encode()
+    return hashlib.sha256(header + data.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
 
 def cached_stats(
     identity: dict[str, Any], cache_dir: str | Path | None, gather: Callable[[], dict[str, TensorStats]]
 ) -> tuple[dict[str, TensorStats], str]:
-    """The statistics for ``identity``: from memory, from the cache folder, or gathered now (and cached).
+    """The statistics for ``identity``: from memory, from ``cache_dir/calibration/``, or gathered now (and cached).
 
     Returns them and where they came from: ``memory``, ``cache`` or ``computed``.
     """
-    key = stats_key(identity)
-    if key in _in_memory:
-        return _in_memory[key], "memory"
-    path = Path(cache_dir).expanduser() / "calibration" / f"{key}.pt" if cache_dir is not None else None
-    if path is not None and path.exists():
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-            stats = {name: TensorStats(float(v["max_abs"]), v["sample"]) for name, v in raw.items()}
-            _in_memory[key] = stats
-            return stats, "cache"
-        except Exception as err:  # a damaged cache file is only a lost shortcut
-            log.warning("ignoring unreadable calibration cache %s (%s); gathering again", path, err)
-    stats = gather()
-    if path is not None:
-        atomic_torch_save({n: {"max_abs": torch.tensor(s.max_abs), "sample": s.sample} for n, s in stats.items()}, path)
-    _in_memory[key] = stats
-    return stats, "computed"
+    def gather_plain() -> dict[str, dict[str, torch.Tensor]]:
+        return {n: {"max_abs": torch.tensor(s.max_abs), "sample": s.sample} for n, s in gather().items()}
+
+    key = {"version": STATS_VERSION, "sample": SAMPLE_SIZE, **identity}
+    raw, source = cached("calibration", key, cache_dir, gather_plain)
+    return {name: TensorStats(float(v["max_abs"]), v["sample"]) for name, v in raw.items()}, source

@@ -27,7 +27,7 @@ TABLE_STEM = "bits_vs_accuracy"
 SETTINGS = [
     "bias_bits", "rounding", "overflow", "arithmetic", "acc_bits", "acc_overflow", "product_bits", "batchnorm",
     "act_calibration", "weight_calibration", "weight_granularity", "overflow_rate", "bias_correction", "eval_subset",
-    "n_samples", "seed",
+    "eval_split", "n_samples", "seed", "precision",
 ]
 # What makes two results the same configuration (the later one replaces the earlier).
 CONFIG_KEYS = ["model", "dataset", "param_bits", "fwd_bits", "eval_limit", *SETTINGS]

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from fxpsweep.data.splits import check_counts
 from fxpsweep.errors import ConfigError
-from fxpsweep.sweep.job import quant_settings
+from fxpsweep.sweep.job import precision_rules, quant_settings
 
 SEED_LIMIT = 2**63  # torch.manual_seed takes seeds below this
 
@@ -23,7 +23,8 @@ SEED_LIMIT = 2**63  # torch.manual_seed takes seeds below this
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError for the first bad top-level value of a job's config."""
     quant_settings(cfg)  # bits, word lengths, rounding, overflow, arithmetic, calibration.*
-    check_counts(cfg.n_samples, cfg.eval_limit, cfg.eval_subset)
+    check_counts(cfg.n_samples, cfg.eval_limit, cfg.eval_subset, cfg.eval_split)
+    precision_rules(cfg)  # each rule parses; whether it matches a layer is known once the model is built
     _check_whole("batch_size", cfg.batch_size, 1, "images per batch")
     _check_whole("workers", cfg.workers, 0, "DataLoader worker processes, 0 for none")
     _check_whole("report_images", cfg.report_images, 0, "evaluation images for the SQNR report, 0 for none")

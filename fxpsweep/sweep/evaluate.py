@@ -1,4 +1,4 @@
-"""Top-1 / top-5 accuracy of the float network and its fixed-point simulation on the same images."""
+"""Top-1 / top-5 accuracy: the classes each network ranks highest on every image, and how often the label is among them."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fxpsweep.progress import progress
+
+TOP_K = 5
 
 
 @dataclass
@@ -30,33 +32,34 @@ def ranked_classes(logits: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :k]
 
 
-class TopKCounter:
-    """Counts, over batches, how often the label is among the k highest logits (ties: see ``ranked_classes``)."""
+@dataclass
+class Predictions:
+    """The ``TOP_K`` best classes of every image (best first, see ``ranked_classes``) and its label."""
 
-    def __init__(self, ks: tuple[int, ...] = (1, 5)) -> None:
-        self.ks = ks
-        self.correct = dict.fromkeys(ks, 0)
-        self.total = 0
-
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        k_max = min(max(self.ks), logits.shape[1])
-        top = ranked_classes(logits, k_max)
-        hits = top == labels.unsqueeze(1)
-        for k in self.ks:
-            self.correct[k] += int(hits[:, :k].any(dim=1).sum())
-        self.total += len(labels)
+    top: torch.Tensor  # (N, min(TOP_K, classes)) int64
+    labels: torch.Tensor  # (N,) int64
 
     def accuracy(self) -> Accuracy:
-        pct = {k: 100.0 * c / max(self.total, 1) for k, c in self.correct.items()}
-        return Accuracy(pct[1], pct[5], self.total)
+        hits = self.top == self.labels.unsqueeze(1)
+        n = len(self.labels)
+        pct = [100.0 * float(hits[:, :k].any(1).sum()) / max(n, 1) for k in (1, TOP_K)]
+        return Accuracy(pct[0], pct[1], n)
+
+    def plain(self) -> dict[str, torch.Tensor]:
+        """As a dict of tensors (what ``storage.cached`` keeps)."""
+        return {"top": self.top, "labels": self.labels}
 
 
 @torch.no_grad()
-def evaluate_pair(float_model: nn.Module, quant_model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[Accuracy, Accuracy]:
-    """Accuracy of ``float_model`` and ``quant_model`` over every batch of ``loader``."""
-    float_counter, quant_counter = TopKCounter(), TopKCounter()
-    for images, labels in progress(loader, desc="evaluating", unit="batch"):
-        images, labels = images.to(device), labels.to(device)
-        float_counter.update(float_model(images), labels)
-        quant_counter.update(quant_model(images), labels)
-    return float_counter.accuracy(), quant_counter.accuracy()
+def predict(models: list[nn.Module], loader: DataLoader, device: torch.device, desc: str = "evaluating") -> list[Predictions]:
+    """The predictions of each of ``models`` on every image of ``loader``, in one pass over the images."""
+    tops: list[list[torch.Tensor]] = [[] for _ in models]
+    labels = []
+    for images, batch_labels in progress(loader, desc=desc, unit="batch"):
+        images = images.to(device)
+        for found, model in zip(tops, models):
+            logits = model(images)
+            found.append(ranked_classes(logits, min(TOP_K, logits.shape[1])).cpu())
+        labels.append(torch.as_tensor(batch_labels).cpu())
+    label_tensor = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
+    return [Predictions(torch.cat(found) if found else torch.zeros(0, TOP_K, dtype=torch.int64), label_tensor) for found in tops]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -12,10 +14,11 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import fxpsweep
-from fxpsweep.data.preprocess import prepare
+from fxpsweep.data.preprocess import prepare, subset_key
 from fxpsweep.engine.fixedpoint import check_bits
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.report import layer_sqnr, layer_table
@@ -23,9 +26,11 @@ from fxpsweep.engine.settings import QuantSettings
 from fxpsweep.engine.statistics import cached_stats, weights_fingerprint
 from fxpsweep.errors import ConfigError
 from fxpsweep.models import PretrainedModel
-from fxpsweep.sweep.evaluate import evaluate_pair
+from fxpsweep.precision.costs import layer_costs, totals
+from fxpsweep.precision.rules import Rule, parse_rule
+from fxpsweep.sweep.evaluate import Predictions, predict
 from fxpsweep.sweep.jobdir import RESULT_FILE
-from fxpsweep.sweep.storage import atomic_write_json, atomic_write_text
+from fxpsweep.sweep.storage import atomic_write_json, atomic_write_text, cached
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,7 @@ def quant_settings(cfg: DictConfig) -> QuantSettings:
         product_bits=cfg.product_bits,
         batchnorm=cfg.batchnorm,
         arithmetic=cfg.arithmetic,
+        kernel=cfg.kernel,
         act_calibration=cfg.calibration.activations,
         weight_calibration=cfg.calibration.weights,
         weight_granularity=cfg.calibration.granularity,
@@ -69,6 +75,7 @@ def job_identity(cfg: DictConfig) -> dict[str, Any]:
         "rounding": cfg.rounding,
         "overflow": cfg.overflow,
         "arithmetic": cfg.arithmetic,
+        "kernel": cfg.kernel,
         "acc_bits": cfg.acc_bits,
         "acc_overflow": cfg.acc_overflow,
         "product_bits": cfg.product_bits,
@@ -78,12 +85,34 @@ def job_identity(cfg: DictConfig) -> dict[str, Any]:
         "weight_granularity": cfg.calibration.granularity,
         "overflow_rate": cfg.calibration.overflow_rate,
         "bias_correction": cfg.calibration.bias_correction,
+        "precision": precision_label(cfg),
+        "precision_rules": rule_texts(cfg),
         "n_samples": cfg.n_samples,
         "eval_limit": cfg.eval_limit,
         "eval_subset": cfg.eval_subset,
+        "eval_split": cfg.eval_split,
         "seed": cfg.seed,
         "config": plain_config(cfg),
     }
+
+
+def precision_rules(cfg: DictConfig) -> list[Rule]:
+    """The job's precision rules: ``precision.rules``, then ``probe``."""
+    rules = [parse_rule(text, f"precision.rules[{i}]") for i, text in enumerate(cfg.precision.rules)]
+    return rules + ([parse_rule(cfg.probe, "probe")] if cfg.probe is not None else [])
+
+
+def rule_texts(cfg: DictConfig) -> list[str]:
+    """The job's precision rules as given (``precision.rules``, then ``probe``), not yet checked."""
+    return [str(r) for r in cfg.precision.rules] + ([str(cfg.probe)] if cfg.probe is not None else [])
+
+
+def precision_label(cfg: DictConfig) -> str:
+    """``uniform``, or the precision option's name and a short hash of its rules (and probe): tells mixed runs apart."""
+    rules = rule_texts(cfg)
+    if not rules:
+        return "uniform"
+    return f"{cfg.precision.name}:{hashlib.sha256(json.dumps(rules).encode()).hexdigest()[:8]}"
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:
@@ -137,40 +166,51 @@ def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str,
             f"model={cfg.model.name} classifies {cfg.model.kind} images; it cannot be evaluated on "
             f"dataset={cfg.dataset.name} ({cfg.dataset.kind} images); choose a dataset of kind {cfg.model.kind}"
         )
-    splits = build(cfg.dataset.splits, n_samples=cfg.n_samples, eval_limit=cfg.eval_limit, eval_subset=cfg.eval_subset, seed=cfg.seed)
+    splits = build(
+        cfg.dataset.splits, n_samples=cfg.n_samples, eval_limit=cfg.eval_limit, eval_subset=cfg.eval_subset,
+        eval_split=cfg.eval_split, seed=cfg.seed,
+    )
+    evaluation_images = subset_key(splits.evaluation)
     model: PretrainedModel = build(cfg.model.build)
     dataset_config = OmegaConf.to_container(cfg.dataset, resolve=True)
     splits = prepare(splits, model.transform, dataset_config, cfg.cache_dir if cfg.image_cache else None)
 
     float_model = model.module.to(device)
-    quant_model = QuantizedNetwork(model.module, settings).to(device)
+    quant_model = QuantizedNetwork(model.module, settings, cfg.cache_dir, precision_rules(cfg)).to(device)
     # Statistics depend on the model, the calibration images and BatchNorm handling only:
     # gathered once, reused by every word length (from memory, or from the cache folder).
-    identity = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "weights": weights_fingerprint(model.module),
-        "dataset": dataset_config,
-        "calibration_images": splits.calibration_source,
-        "batchnorm": settings.batchnorm,
-    }
+    network = {"model": OmegaConf.to_container(cfg.model, resolve=True), "weights": weights_fingerprint(model.module)}
+    identity = {**network, "dataset": dataset_config, "calibration_images": splits.calibration_source, "batchnorm": settings.batchnorm}
     calibration_batches = [x.to(device) for x, _ in _loader(splits.calibration, cfg.batch_size, cfg.workers)]
     stats, stats_source = cached_stats(identity, cfg.cache_dir, lambda: quant_model.observe(calibration_batches, cfg.seed))
     log.info("calibration statistics: %s", stats_source)
     quant_model.calibrate(calibration_batches, stats)
-    eval_loader = _loader(splits.evaluation, cfg.batch_size, cfg.workers)
-    float_acc, quant_acc = evaluate_pair(float_model, quant_model, eval_loader, device)
+    float_predictions, float_source, quant_predictions = _evaluate(
+        float_model, quant_model, _loader(splits.evaluation, cfg.batch_size, cfg.workers), device,
+        {**network, "dataset": dataset_config, "images": evaluation_images, "transform": repr(model.transform), "device": device.type},
+        cfg.cache_dir,
+    )
+    float_acc, quant_acc = float_predictions.accuracy(), quant_predictions.accuracy()
     formats = quant_model.formats()  # overflow counts over the evaluation images, before the report reruns some
-    layers = layer_table(formats, _layer_sqnr(model, settings, quant_model, splits.evaluation, cfg, device))
+    costs = layer_costs(quant_model)
+    sqnr = _layer_sqnr(model, settings, quant_model, splits.evaluation, cfg, device)
+    layers = layer_table(formats, sqnr)
 
     result = {
         **job_identity(cfg),
         "calibration_images": splits.calibration_source,
         "calibration_stats": stats_source,
+        "weight_formats": quant_model.weight_formats_source,
+        "float_predictions": float_source,
         "n_eval": float_acc.n_images,
         "float_top1": float_acc.top1,
         "float_top5": float_acc.top5,
         "quant_top1": quant_acc.top1,
         "quant_top5": quant_acc.top5,
+        # The SQNR of the network's output (its last register) against float, on the report images.
+        "output_sqnr_db": sqnr.get(quant_model.ops[-1].name) if sqnr else None,
+        **totals(costs),
+        "layer_costs": costs,
         "published_top1": model.meta.get("published_top1"),
         "published_top5": model.meta.get("published_top5"),
         "device": str(device),
@@ -184,6 +224,29 @@ def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str,
     atomic_write_json(output_dir / RESULT_FILE, result)
     _append_acc_line(acc_lines_dir / ACC_LINES_FILE, result)
     return result
+
+
+def _evaluate(
+    float_model: nn.Module, quant_model: nn.Module, loader: DataLoader, device: torch.device, identity: dict[str, Any], cache_dir: str
+) -> tuple[Predictions, str, Predictions]:
+    """(float predictions, where they came from, fixed-point predictions) on the evaluation images.
+
+    The float network's predictions are the same in every job of a sweep: kept
+    by ``storage.cached`` under ``identity`` (weights, dataset, which images,
+    preprocessing, device type). Where they are not known yet, both networks
+    run in the same pass over the images.
+    """
+    quant: list[Predictions] = []
+
+    def both() -> dict[str, torch.Tensor]:
+        float_predictions, quant_predictions = predict([float_model, quant_model], loader, device)
+        quant.append(quant_predictions)
+        return float_predictions.plain()
+
+    plain, source = cached("float_predictions", identity, cache_dir, both)
+    if not quant:
+        quant = predict([quant_model], loader, device)
+    return Predictions(**plain), source, quant[0]
 
 
 def _layer_sqnr(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,41 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+_in_memory: dict[tuple[str, str], Any] = {}
+SOURCES = ("memory", "cache", "computed")  # where a cached result came from, cheapest first
+
+
+def cache_key(identity: dict[str, Any]) -> str:
+    """A short hash of ``identity`` (JSON, keys sorted): the name of its cache file."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached(kind: str, identity: dict[str, Any], cache_dir: str | Path | None, compute: Callable[[], Any]) -> tuple[Any, str]:
+    """``compute()`` for ``identity``: from memory, from ``cache_dir/<kind>/<key>.pt``, or computed now and kept in both.
+
+    The jobs of a sweep share the memory when they share a process, and the
+    folder otherwise (SLURM, later sweeps). The value must be what
+    ``torch.load(weights_only=True)`` reads back: tensors, numbers, strings,
+    and lists and dicts of them. Returns it and where it came from (``SOURCES``).
+    """
+    key = cache_key(identity)
+    if (kind, key) in _in_memory:
+        return _in_memory[(kind, key)], "memory"
+    path = Path(cache_dir).expanduser() / kind / f"{key}.pt" if cache_dir is not None else None
+    if path is not None and path.exists():
+        try:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+            _in_memory[(kind, key)] = value
+            return value, "cache"
+        except Exception as err:  # a damaged cache file is only a lost shortcut
+            log.warning("ignoring unreadable cache file %s (%s); computing again", path, err)
+    value = compute()
+    if path is not None:
+        atomic_torch_save(value, path)
+    _in_memory[(kind, key)] = value
+    return value, "computed"
 
 
 def fetch_file(path: str | Path, url: str | None, how_else: str) -> Path:

@@ -1,0 +1,146 @@
+"""Which exact kernel a layer runs on: the fastest, measured on this machine once and remembered.
+
+The fastest kernel differs between processors by a factor of 50 (int8 GEMMs
+on a processor with and without VNNI), so nothing is assumed: the first batch
+a conv/linear layer sees (of each shape) runs through every kernel that
+``kernels`` proves exact for it, each timed (one warm-up call, then the best
+of two; a kernel whose first timed call took over three times the best time
+so far is not timed again). Their outputs must agree bit for bit, since all are exact: one that
+differs from ``float64`` (the plainest) is a bug in it or in the library
+under it, is logged as an error and never chosen.
+
+Choices are cached per machine (processor, CPU capability, torch version,
+threads, device) and per layer signature (input and weight shapes, geometry,
+word length, candidates) in memory and in ``cache_dir/kernels/<machine>.json``,
+so a sweep, and every later job on the machine, pays for the timing once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fxpsweep.engine.kernels import Kernel
+from fxpsweep.sweep.storage import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+SKIP_SLOWER = 3.0  # a candidate whose warm-up takes this many times the best time is not timed further
+_in_memory: dict[str, dict[str, str]] = {}  # machine key -> layer signature -> kernel label
+
+
+def processor_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What decides which kernel is fastest, apart from the layer."""
+    about = {
+        "processor": processor_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": device.type,
+    }
+    if device.type == "cuda":
+        about["gpu"] = torch.cuda.get_device_name(device)
+    return about
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class KernelChooser:
+    """Picks among exact kernels by timing them (see the module docstring); ``cache_dir`` None: memory only."""
+
+    def __init__(self, cache_dir: str | Path | None = None) -> None:
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
+
+    def choose(self, candidates: list[Kernel], codes: torch.Tensor, layer_name: str) -> Kernel:
+        """The fastest of ``candidates`` on ``codes`` (a real input of the layer), from the cache when known."""
+        if len(candidates) == 1:
+            return candidates[0]
+        about = machine(codes.device)
+        machine_key = _digest(about)
+        layer = candidates[0].layer
+        signature = _digest({
+            "input": list(codes.shape), "weight": list(layer.weight.shape), "geometry": repr(layer.geometry),
+            "act_bits": layer.act_bits, "raw": layer.raw, "candidates": [k.label for k in candidates],
+        })
+        known = _in_memory.setdefault(machine_key, {})
+        path = self.cache_dir / "kernels" / f"{machine_key}.json" if self.cache_dir is not None else None
+        if signature not in known and path is not None and path.exists():
+            try:
+                known.update({s: c["kernel"] for s, c in json.loads(path.read_text())["choices"].items()})
+            except (OSError, ValueError, KeyError) as err:  # a damaged cache file is only a lost shortcut
+                log.warning("ignoring unreadable kernel cache %s (%s)", path, err)
+        by_label = {k.label: k for k in candidates}
+        if known.get(signature) in by_label:
+            return by_label[known[signature]]
+        seconds = self._time(candidates, codes, layer_name)
+        best = min(seconds, key=seconds.get)
+        known[signature] = best
+        if path is not None:
+            self._remember(path, about, signature, layer_name, best, seconds)
+        log.debug("%s: %s (%s)", layer_name, best, ", ".join(f"{k} {s * 1e3:.2f} ms" for k, s in seconds.items()))
+        return by_label[best]
+
+    @torch.no_grad()
+    def _time(self, candidates: list[Kernel], codes: torch.Tensor, layer_name: str) -> dict[str, float]:
+        """Seconds per call of each candidate that agrees with the reference output."""
+        reference_kernel = next((k for k in candidates if k.name == "float64"), candidates[0])
+        reference = reference_kernel(codes)  # also its warm-up
+        seconds: dict[str, float] = {}
+        for kernel in [k for k in candidates if k is not reference_kernel] + [reference_kernel]:
+            if kernel is not reference_kernel:
+                out = kernel(codes)  # warm-up: first calls pay for setup (primitive creation, compilation)
+                if not torch.equal(out.double(), reference.double()):
+                    log.error("%s: kernel %s disagrees with %s; it is not used", layer_name, kernel.label, reference_kernel.label)
+                    continue
+            first = _timed(kernel, codes)
+            if first > SKIP_SLOWER * min(seconds.values(), default=float("inf")):
+                seconds[kernel.label] = first  # clearly slower: one timing will do
+                continue
+            seconds[kernel.label] = min(first, _timed(kernel, codes))
+        if not seconds:
+            raise RuntimeError(f"{layer_name}: no kernel agreed with {reference_kernel.label}")
+        return seconds
+
+    @staticmethod
+    def _remember(path: Path, about: dict, signature: str, layer_name: str, best: str, seconds: dict[str, float]) -> None:
+        """Add one choice to the machine's cache file (read, merge, write atomically)."""
+        try:
+            record = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            record = {}
+        record["machine"] = about
+        record.setdefault("choices", {})[signature] = {
+            "kernel": best, "layer": layer_name, "seconds": {k: round(s, 6) for k, s in seconds.items()},
+        }
+        atomic_write_json(path, record)
+
+
+def _timed(kernel: Kernel, codes: torch.Tensor) -> float:
+    """Seconds of one call of ``kernel`` on ``codes``."""
+    if codes.is_cuda:
+        torch.cuda.synchronize(codes.device)
+    start = time.perf_counter()
+    kernel(codes)
+    if codes.is_cuda:
+        torch.cuda.synchronize(codes.device)
+    return time.perf_counter() - start

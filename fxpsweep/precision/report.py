@@ -1,0 +1,92 @@
+"""The search's picture and table: cost against top-1, uniform widths as a line, searched assignments as points."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from fxpsweep.precision.search import COSTS, TRACE_FILE
+from fxpsweep.sweep.storage import atomic_write_bytes, atomic_write_text
+
+COST_LABELS = {"weight_kib": "weight memory (KiB)", "bitops": "BitOps per image"}
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (cost, top-1) points no other point beats on both (cheaper and at least as accurate), by cost."""
+    front, best = [], float("-inf")
+    for cost, top1 in sorted(points, key=lambda p: (p[0], -p[1])):
+        if top1 > best:
+            front.append((cost, top1))
+            best = top1
+    return front
+
+
+def write_search_report(out: Path, answer: dict[str, Any]) -> str:
+    """``search.md`` and ``search.png`` in ``out`` from ``trace.json`` and the answer; returns the Markdown."""
+    trace = json.loads((out / TRACE_FILE).read_text())
+    key = COSTS[answer["cost"]]
+    h = answer["holdout"]
+    cheapest = h["cheapest_uniform"]
+    lines = [
+        f"Tolerance {answer['tolerance']} top-1 points (searched {answer['margin']} inside it), cost {answer['cost']}; "
+        f"widths {answer['widths'][0]}..{answer['widths'][-1]}; the answer narrows registers from {answer['uniform_width']} bits.",
+        "",
+        f"| on the {h['images']} holdout images | top-1 | below float | weight KiB | GBitOps per image |",
+        "|---|---:|---:|---:|---:|",
+        f"| float | {h['float_top1']:.2f} | | | |",
+        f"| searched assignment ({len(answer['rules'])} rules) | {h['top1']:.2f} | {h['float_top1'] - h['top1']:.2f} | "
+        f"{h['weight_kib']:.1f} | {h['bitops'] / 1e9:.3f} |",
+    ]
+    if cheapest is not None:
+        u = h["uniform"][str(cheapest)] if str(cheapest) in h["uniform"] else h["uniform"][cheapest]
+        lines.append(
+            f"| cheapest uniform width meeting it: {cheapest} bits | {u['top1']:.2f} | {h['float_top1'] - u['top1']:.2f} | "
+            f"{u['weight_kib']:.1f} | {u['bitops'] / 1e9:.3f} |"
+        )
+        lines += ["", f"Weight memory {100 * (1 - h['weight_kib'] / u['weight_kib']):.1f} % below, BitOps "
+                      f"{100 * (1 - h['bitops'] / u['bitops']):.1f} % below the cheapest uniform width; "
+                      f"within the tolerance on the holdout images: {'yes' if h['within_tolerance'] else 'no'}."]
+    markdown = "\n".join(lines) + "\n"
+    atomic_write_text(out / "search.md", markdown)
+    _plot(trace, key, answer, out / "search.png")
+    return markdown
+
+
+def _plot(trace: list[dict], key: str, answer: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=False)
+    for ax, split, title in ((axes[0], "search", "search images (where it chooses)"), (axes[1], "holdout", "holdout images (where it is judged)")):
+        done = [e for e in trace if e["split"] == split and e["phase"] != "probe"]
+        uniform = sorted((e[key], e["top1"], e["bits"]) for e in done if not e["rules"])
+        mixed = [(e[key], e["top1"]) for e in done if e["rules"]]
+        if uniform:
+            ax.plot([u[0] for u in uniform], [u[1] for u in uniform], "o-", color="tab:gray", label="uniform widths")
+            for cost, top1, bits in uniform:
+                ax.annotate(str(bits), (cost, top1), fontsize=7, xytext=(3, -9), textcoords="offset points")
+        if mixed:
+            ax.plot(*zip(*mixed), "o", color="tab:orange", alpha=0.7, label="searched assignments")
+        front = pareto([(u[0], u[1]) for u in uniform] + mixed)
+        ax.plot(*zip(*front), "-", color="tab:green", linewidth=2, alpha=0.6, label="Pareto front")
+        float_top1 = done[0]["float_top1"] if done else None
+        if float_top1 is not None:
+            ax.axhline(float_top1 - answer["tolerance"], color="tab:red", linestyle="--", linewidth=1, label="float - tolerance")
+        ax.set_xscale("log")
+        ax.set_xlabel(COST_LABELS[key])
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 (%)")
+    axes[0].legend(fontsize=8)
+    top = max(e["float_top1"] for e in trace)
+    for ax in axes:
+        ax.set_ylim(max(0, top - 10 * answer["tolerance"]), top + answer["tolerance"])
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,258 @@
+"""The minimum-bits search: per-layer word lengths that keep top-1 within a tolerance at the least cost.
+
+Choices are made on the ``search`` half of the evaluation images and judged
+on the ``holdout`` half, which the search never sees (``eval_split``). Every
+network evaluation is a job (``run_job``) in its own folder under the
+search's, so a killed search resumes from its finished evaluations.
+
+1. Uniform widths on the search images: the narrowest, ``u``, that meets
+   ``float top-1 - (tolerance - margin)``.
+2. Sensitivity probes from ``u``: each knob (a conv/linear layer's weights;
+   with ``cost=bitops`` also every register's output) alone at each narrower
+   allowed width, on the first ``probe_images`` search images, measured as the
+   noise power it adds to the network's output, ``10**(-SQNR/10)`` (Lin,
+   Talathi and Annapureddy 2016: the noise of layers adds up). A knob's
+   probing stops at the first width whose noise alone exceeds that of
+   narrowing every register to ``u``'s next width.
+3. Allocation: for a noise budget ``B``, greedily narrow the knob that saves
+   the most cost per unit of noise while the summed noise stays within ``B``.
+   Each allocation is evaluated on the whole search half; ``B`` doubles from
+   a small start until an allocation misses the target, then is bisected
+   between the last pass and the first miss. The cheapest passing allocation
+   is the answer.
+4. The answer and every uniform width of ``holdout_widths`` are evaluated on
+   the holdout images; the report compares the answer with the cheapest
+   uniform width that meets the tolerance there.
+
+Exhaustive search would evaluate ``len(widths) ** knobs`` assignments; this
+needs about ``len(widths) + knobs * (widths below u) + 10``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from fxpsweep.errors import ConfigError
+from fxpsweep.precision.costs import totals
+from fxpsweep.precision.rules import Rule
+from fxpsweep.sweep.jobdir import finished_result, mark_started
+from fxpsweep.sweep.storage import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+COSTS = {"weight_memory": "weight_kib", "bitops": "bitops"}
+TRACE_FILE = "trace.json"
+RESULT_FILE = "search.json"
+
+
+@dataclass
+class Evaluation:
+    """One network evaluation of the search: what ran, on which images, what it scored and cost."""
+
+    phase: str  # uniform | probe | allocation | holdout
+    bits: int
+    rules: list[str]
+    split: str
+    images: int
+    top1: float
+    float_top1: float
+    output_sqnr_db: float | None
+    weight_kib: float
+    bitops: float
+    resumed: bool
+
+    @property
+    def noise(self) -> float:
+        """Noise power of the network output relative to its signal (0 when exact)."""
+        return 0.0 if self.output_sqnr_db is None or self.output_sqnr_db == math.inf else 10 ** (-self.output_sqnr_db / 10)
+
+
+@dataclass
+class SearchSettings:
+    """``search.*`` of the config, checked."""
+
+    tolerance: float
+    margin: float
+    widths: list[int]
+    cost: str
+    probe_images: int
+    holdout_widths: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) or self.tolerance <= 0:
+            raise ConfigError(f"search.tolerance={self.tolerance!r} must be a positive number of top-1 points")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not 0 <= self.margin < self.tolerance:
+            raise ConfigError(f"search.margin={self.margin!r} must be a number from 0 to below search.tolerance ({self.tolerance})")
+        for key in ("widths", "holdout_widths"):
+            values = getattr(self, key)
+            if not values or any(isinstance(w, bool) or not isinstance(w, int) or not 2 <= w <= 32 for w in values):
+                raise ConfigError(f"search.{key}={values!r} must be a list of word lengths, integers from 2 to 32")
+        if self.cost not in COSTS:
+            raise ConfigError(f"search.cost={self.cost!r} is unknown; allowed: {', '.join(COSTS)}")
+        if isinstance(self.probe_images, bool) or not isinstance(self.probe_images, int) or self.probe_images < 1:
+            raise ConfigError(f"search.probe_images={self.probe_images!r} must be a positive number of images")
+        self.widths = sorted(set(self.widths))
+        self.holdout_widths = sorted(set(self.holdout_widths))
+
+
+class Evaluator:
+    """Runs (or finds already run) one job per assignment, each in a folder of ``out/jobs`` named by a hash of its config."""
+
+    def __init__(self, base: DictConfig, out: Path, run: Callable[[DictConfig, Path], dict[str, Any]]) -> None:
+        self.base, self.out, self.run = base, out, run
+        self.trace: list[Evaluation] = []
+
+    def __call__(self, phase: str, bits: int, rules: list[str], split: str, limit: int | None = None) -> Evaluation:
+        cfg = self.base.copy()
+        with open_dict(cfg):
+            cfg.bits, cfg.eval_split, cfg.eval_limit = bits, split, limit
+            cfg.precision.rules = list(rules)
+            cfg.report_images = limit or cfg.report_images
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        folder = self.out / "jobs" / hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+        result = finished_result(folder, plain)
+        resumed = result is not None
+        if result is None:
+            result = self.run(cfg, folder)
+        evaluation = Evaluation(
+            phase, bits, list(rules), split, result["n_eval"], result["quant_top1"], result["float_top1"],
+            result["output_sqnr_db"], result["weight_kib"], result["bitops"], resumed,
+        )
+        self.trace.append(evaluation)
+        atomic_write_json(self.out / TRACE_FILE, [e.__dict__ for e in self.trace])
+        self.layers = result["layer_costs"]
+        log.info("%s %s: top-1 %.2f, %s", phase, " / ".join(rules) or f"uniform {bits}", evaluation.top1, "resumed" if resumed else "ran")
+        return evaluation
+
+
+def rules_for(assignment: dict[str, int], uniform: int, key: str) -> list[str]:
+    """Precision rules (exact layer names) for the knobs of ``assignment`` that differ from ``uniform``."""
+    return [str(Rule(name, ((key, bits),))) for name, bits in sorted(assignment.items()) if bits != uniform]
+
+
+def allocate(
+    knobs: dict[str, dict[int, float]], uniform: int, budget: float, price: Callable[[dict[str, int]], float]
+) -> dict[str, int]:
+    """Greedy allocation: from every knob at ``uniform``, narrow the knob with the most cost saved per noise
+    added, one measured width at a time, while the summed noise stays within ``budget``."""
+    assignment = {name: uniform for name in knobs}
+    noise = 0.0
+    while True:
+        best = None
+        for name, by_width in knobs.items():
+            narrower = [w for w in by_width if w < assignment[name]]
+            if not narrower:
+                continue
+            w = max(narrower)
+            added = by_width[w] - by_width.get(assignment[name], 0.0)
+            if noise + added > budget:
+                continue
+            saved = price(assignment) - price({**assignment, name: w})
+            score = saved / max(added, 1e-12)
+            if saved > 0 and (best is None or score > best[0]):
+                best = (score, name, w, added)
+        if best is None:
+            return assignment
+        _, name, w, added = best
+        assignment[name] = w
+        noise += added
+
+
+def search(base: DictConfig, settings: SearchSettings, out: Path, run: Callable[[DictConfig, Path], dict[str, Any]]) -> dict[str, Any]:
+    """Run the search (see the module docstring); returns what ``search.json`` records."""
+    evaluate = Evaluator(base, out, run)
+    key = COSTS[settings.cost]
+
+    # 1. Uniform widths on the search images.
+    uniform = {w: evaluate("uniform", w, [], "search") for w in settings.widths}
+    float_top1 = uniform[settings.widths[0]].float_top1
+    target = float_top1 - (settings.tolerance - settings.margin)
+    passing = [w for w, e in uniform.items() if e.top1 >= target]
+    if not passing:
+        raise ConfigError(f"no width of search.widths={settings.widths} keeps top-1 within {settings.tolerance} of float ({float_top1:.2f})")
+    u = min(passing)
+    layers = evaluate.layers
+
+    # 2. Probes from u: the noise each knob adds alone, per narrower width.
+    probe = lambda bits, rules: evaluate("probe", bits, rules, "search", settings.probe_images)  # noqa: E731
+    reference = probe(u, [])
+    narrower = [w for w in settings.widths if w < u]
+    step_noise = probe(max(narrower), []).noise - reference.noise if narrower else 0.0
+    dots = [name for name, c in layers.items() if "weights" in c]
+    knob_keys = [("weight", dots)] + ([("output", [n for n, c in layers.items() if not c.get("keeps_input_format")])] if key == "bitops" else [])
+    knobs: dict[tuple[str, str], dict[int, float]] = {}
+    for kind, names in knob_keys:
+        for name in names:
+            knobs[(kind, name)] = {u: 0.0}
+            for w in sorted(narrower, reverse=True):
+                added = max(probe(u, [str(Rule(name, ((kind, w),)))]).noise - reference.noise, 0.0)
+                knobs[(kind, name)][w] = added
+                if added > step_noise:
+                    break
+
+    def price(assignment: dict[tuple[str, str], int]) -> float:
+        bits: dict[str, dict[str, int]] = {}
+        for (kind, name), w in assignment.items():
+            bits.setdefault(name, {})[kind] = w
+        return totals(layers, bits)[key]
+
+    def as_rules(assignment: dict[tuple[str, str], int]) -> list[str]:
+        return [str(Rule(name, ((kind, w),))) for (kind, name), w in sorted(assignment.items()) if w != u]
+
+    # 3. Allocations for growing, then bisected, noise budgets, each on the whole search half.
+    passed: list[tuple[dict, Evaluation]] = []
+
+    def attempt(budget: float) -> bool:
+        assignment = allocate(knobs, u, budget, price)
+        result = evaluate("allocation", u, as_rules(assignment), "search")
+        if result.top1 >= target:
+            passed.append((assignment, result))
+        return result.top1 >= target
+
+    low, high = 0.0, None
+    budget = max(step_noise, 1e-9) / 16
+    for _ in range(8):
+        if not attempt(budget):
+            high = budget
+            break
+        low, budget = budget, budget * 2
+    if high is not None and low > 0:
+        for _ in range(3):
+            middle = (low + high) / 2
+            if attempt(middle):
+                low = middle
+            else:
+                high = middle
+    if passed:
+        best_assignment, best = min(passed, key=lambda p: getattr(p[1], key))
+    else:
+        best_assignment, best = {k: u for k in knobs}, uniform[u]
+    chosen = as_rules(best_assignment)
+
+    # 4. Judged on the holdout images, beside every uniform width.
+    final = evaluate("holdout", u, chosen, "holdout")
+    holdout_uniform = {w: evaluate("holdout", w, [], "holdout") for w in settings.holdout_widths}
+    holdout_float = final.float_top1
+    meeting = [w for w, e in holdout_uniform.items() if holdout_float - e.top1 <= settings.tolerance]
+    cheapest = min(meeting, key=lambda w: getattr(holdout_uniform[w], key)) if meeting else None
+    computed = sum(not e.resumed for e in evaluate.trace)
+    return {
+        "tolerance": settings.tolerance, "margin": settings.margin, "cost": settings.cost, "widths": settings.widths,
+        "uniform_width": u, "rules": chosen, "search_top1": best.top1, "search_float_top1": float_top1,
+        "holdout": {
+            "float_top1": holdout_float, "top1": final.top1, "weight_kib": final.weight_kib, "bitops": final.bitops,
+            "images": final.images, "within_tolerance": holdout_float - final.top1 <= settings.tolerance,
+            "cheapest_uniform": cheapest,
+            "uniform": {w: {"top1": e.top1, "weight_kib": e.weight_kib, "bitops": e.bitops} for w, e in holdout_uniform.items()},
+        },
+        "evaluations": len(evaluate.trace), "evaluations_run_now": computed,
+        "knobs": len(knobs), "exhaustive_assignments": len(settings.widths) ** len(knobs),
+    }

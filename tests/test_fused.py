@@ -1,0 +1,57 @@
+"""The compiled (one-pass) rounding gives the same codes and overflow counts as the eager operations,
+and both equal the integer reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import integer_reference as ref
+from fxpsweep.engine import fused
+from fxpsweep.engine.fixedpoint import QFormat
+from fxpsweep.engine.fused import Rounder, byte_pieces, combine
+
+ROUNDINGS = ["nearest_even", "nearest_up", "nearest_away", "floor", "toward_zero"]
+
+
+def scaled_values(dtype: torch.dtype, n: int = 1 << 16) -> torch.Tensor:
+    """Values times 2**F: ties (k + 1/2), near-ties, integers, out of range on both sides."""
+    g = torch.Generator().manual_seed(0)
+    halves = torch.randint(-300, 300, (n // 4,), generator=g).double() + 0.5
+    near = halves + torch.tensor([1e-6, -1e-6]).repeat(n // 8)
+    spread = (torch.rand(n // 2, generator=g, dtype=torch.float64) - 0.5) * 700
+    values = torch.cat([halves, near, spread]).to(dtype)
+    return values[torch.randperm(n, generator=g)].reshape(32, -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("overflow", ["saturate", "wrap"])
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_compiled_rounding_equals_eager_and_the_reference(rounding: str, overflow: str, dtype: torch.dtype, monkeypatch) -> None:
+    v = scaled_values(dtype)
+    fmt = QFormat(9, 0, rounding, overflow)
+    for clamp in (None, (0, 40)):  # a ReLU6-like reader: codes 0..40
+        compiled = Rounder(fmt, torch.float32, clamp=clamp).round(v.clone())
+        monkeypatch.setattr(fused, "COMPILE_MIN_ELEMENTS", 1 << 40)  # everything eager
+        eager = Rounder(fmt, torch.float32, clamp=clamp).round(v.clone())
+        monkeypatch.undo()
+        assert torch.equal(compiled[0], eager[0]) and compiled[1] == eager[1]
+        sample = slice(None, None, 16)  # the reference is slow: every 16th value (all kinds are interleaved)
+        expected = np.array([
+            ref.overflow_int(ref.round_fraction(ref.Fraction(float(x)), rounding), 9, overflow) for x in v.reshape(-1)[sample].tolist()
+        ])
+        codes = compiled[0].reshape(-1)[sample].numpy().astype(np.int64)
+        np.testing.assert_array_equal(codes, np.clip(expected, *clamp) if clamp else expected)
+    assert fused._Fused.broken is False  # the compiled path ran
+
+
+def test_byte_pieces_and_combine_rebuild_the_codes() -> None:
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(-(2**15), 2**15, (64, 2048), generator=g).float()
+    for unsigned in (False, True):
+        pieces, offset = byte_pieces(codes, 16, unsigned)
+        values = [p.double() - 128 if unsigned else p.double() for p in pieces]
+        rebuilt = combine(values, [1.0, 256.0], torch.full_like(codes, float(offset), dtype=torch.float64))
+        assert torch.equal(rebuilt, codes.double())
+        assert [p.dtype for p in pieces] == [torch.uint8 if unsigned else torch.int8] * 2

@@ -1,0 +1,69 @@
+"""Kernels are chosen by timing them on the machine, remembered per machine and layer, and never
+chosen when they disagree with the others; a setting forces one."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from fxpsweep.engine import kernel_choice
+from fxpsweep.engine.fixedpoint import QFormat
+from fxpsweep.engine.kernel_choice import KernelChooser
+from fxpsweep.engine.network import QuantizedNetwork
+from fxpsweep.engine.ops import FixedDot
+from fxpsweep.engine.settings import QuantSettings
+
+
+def conv_layer(bits: int = 12) -> FixedDot:
+    torch.manual_seed(0)
+    op = FixedDot("conv", nn.Conv2d(16, 16, 3, padding=1))
+    op.set_parameter_formats([QFormat(bits, 10)] * 16, QFormat(32, 20))
+    op.finalize(QFormat(bits, 2), [QFormat(bits, 4)], QuantSettings(bits, bits), 0)
+    return op
+
+
+def codes(bits: int = 12) -> torch.Tensor:
+    return torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (4, 16, 12, 12)).float()
+
+
+def test_the_choice_is_cached_in_the_cache_folder_and_reused(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(kernel_choice, "_in_memory", {})
+    op = conv_layer()
+    assert len(op.candidates) > 1
+    op.chooser = KernelChooser(tmp_path)
+    op(codes())
+    (cache_file,) = (tmp_path / "kernels").glob("*.json")
+    record = json.loads(cache_file.read_text())
+    assert record["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    (choice,) = record["choices"].values()
+    assert choice["kernel"] == op.kernel and set(choice["seconds"]) == {k.label for k in op.candidates}
+
+    # A new process (memory cleared) with the same layer reads the file and times nothing.
+    monkeypatch.setattr(kernel_choice, "_in_memory", {})
+    monkeypatch.setattr(KernelChooser, "_time", lambda *a: (_ for _ in ()).throw(AssertionError("timed again")))
+    again = conv_layer()
+    again.chooser = KernelChooser(tmp_path)
+    again(codes())
+    assert again.kernel == op.kernel
+
+
+def test_a_kernel_that_disagrees_is_never_chosen(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(kernel_choice, "_in_memory", {})
+    op = conv_layer()
+    wrong = next(k for k in op.candidates if k.name != "float64")
+    fast_and_wrong = type("Wrong", (type(wrong),), {"__call__": lambda self, x: torch.zeros(1)})
+    wrong.__class__ = fast_and_wrong
+    op(codes())
+    assert op.kernel != wrong.label
+    assert "disagrees" in caplog.text
+
+
+def test_a_forced_kernel_runs_where_it_is_exact_and_is_reported() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    net = QuantizedNetwork(model, QuantSettings(8, 8, kernel="float64"))
+    net.calibrate([torch.randn(4, 3, 8, 8)])
+    net(torch.randn(4, 3, 8, 8))
+    dots = [f for f in net.formats() if f.kind == "activation" and f.kernel]
+    assert len(dots) == 2 and {f.kernel for f in dots} == {"float64"}

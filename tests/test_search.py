@@ -1,0 +1,105 @@
+"""The minimum-bits search on the digits network: cheaper than every uniform width at its tolerance, judged on
+images it did not see, resumable after a kill, and strict about its settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+
+SETTINGS = ["search.tolerance=1.5", "search.widths=[2,3,4,5,6,8]", "search.holdout_widths=[2,3,4,5,6,7,8]", "search.probe_images=128"]
+
+
+def search(out, cache_dir, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "FXPSWEEP_CACHE": str(cache_dir)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "fxpsweep.search", *SETTINGS, f"search.out={out}", *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("search")
+    proc = search(out, cache_dir)
+    stdout, stderr = proc.communicate(timeout=1200)
+    assert proc.returncode == 0, stderr[-3000:]
+    return out, stdout
+
+
+def test_the_answer_is_cheaper_than_every_uniform_width_that_meets_the_tolerance(searched) -> None:
+    out, stdout = searched
+    answer = json.loads((out / "search.json").read_text())
+    h = answer["holdout"]
+    assert h["within_tolerance"] and h["cheapest_uniform"] is not None
+    cheapest = h["uniform"][str(h["cheapest_uniform"])]
+    assert h["weight_kib"] < cheapest["weight_kib"] and h["bitops"] <= cheapest["bitops"]
+    meeting = [u for u in h["uniform"].values() if h["float_top1"] - u["top1"] <= answer["tolerance"]]
+    assert all(h["weight_kib"] < u["weight_kib"] for u in meeting)
+    assert f"{answer['evaluations']} network evaluations" in stdout
+    assert answer["evaluations"] < 200 < answer["exhaustive_assignments"]
+    assert (out / "search.png").stat().st_size > 0 and "holdout images" in (out / "search.md").read_text()
+
+
+def test_choices_are_made_on_search_images_and_judged_on_others(searched) -> None:
+    out, _ = searched
+    trace = json.loads((out / "trace.json").read_text())
+    assert {e["split"] for e in trace if e["phase"] != "holdout"} == {"search"}
+    assert {e["split"] for e in trace if e["phase"] == "holdout"} == {"holdout"}
+    jobs = [json.loads(p.read_text()) for p in (out / "jobs").glob("*/result.json")]
+    distinct = {(e["bits"], tuple(e["rules"]), e["split"], e["images"]) for e in trace}  # a repeated assignment runs once
+    assert len(jobs) == len(distinct) and {j["eval_split"] for j in jobs} == {"search", "holdout"}
+
+
+def test_run_py_runs_the_precision_file_unchanged(searched, run_app, tmp_path) -> None:
+    out, _ = searched
+    answer = json.loads((out / "search.json").read_text())
+    (name,) = [p.stem for p in (out / "precision").glob("*.yaml")]
+    proc = run_app("--config-dir", str(out), f"precision={name}", "eval_split=holdout", "report_images=0", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["precision_rules"] == answer["rules"] and result["bits"] == answer["uniform_width"]
+    assert result["quant_top1"] == answer["holdout"]["top1"] and result["weight_kib"] == answer["holdout"]["weight_kib"]
+
+
+def test_a_killed_search_resumes_without_redoing_finished_evaluations(tmp_path, cache_dir) -> None:
+    out = tmp_path / "search"
+    proc = search(out, cache_dir)
+    deadline = time.time() + 600
+    while time.time() < deadline and (not (out / "trace.json").exists() or len(json.loads((out / "trace.json").read_text())) < 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {p.parent.name: p.stat().st_mtime_ns for p in (out / "jobs").glob("*/result.json")}
+    assert len(done) >= 5
+    again = search(out, cache_dir)
+    stdout, stderr = again.communicate(timeout=1200)
+    assert again.returncode == 0, stderr[-3000:]
+    answer = json.loads((out / "search.json").read_text())
+    jobs = list((out / "jobs").glob("*/result.json"))
+    assert answer["evaluations_run_now"] == len(jobs) - len(done)  # each finished evaluation ran once, in the first run
+    assert all((out / "jobs" / name / "result.json").stat().st_mtime_ns == stamp for name, stamp in done.items())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["search.tolerance=-1"], "search.tolerance=-1 must be a positive number of top-1 points"),
+        (["search.widths=[1,4]"], "search.widths=[1, 4] must be a list of word lengths, integers from 2 to 32"),
+        (["search.cost=area"], "search.cost='area' is unknown; allowed: weight_memory, bitops"),
+        (["search.margin=2"], "search.margin=2 must be a number from 0 to below search.tolerance"),
+        (['precision.rules=["features.0 weight=4"]'], "precision.rules and probe are what the search chooses; leave them out"),
+        (["search.probe_images=0"], "search.probe_images=0 must be a positive number of images"),
+    ],
+)
+def test_bad_search_settings_are_one_line_errors(args, message, tmp_path, cache_dir) -> None:
+    proc = search(tmp_path / "s", cache_dir, *args)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and message in stderr and "Traceback" not in stderr
