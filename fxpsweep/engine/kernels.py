@@ -43,7 +43,6 @@ the fastest is measured on the machine (``kernel_choice``):
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from dataclasses import dataclass

@@ -43,8 +43,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fxpsweep.errors import ConfigError
 from fxpsweep.precision.costs import totals
 from fxpsweep.precision.rules import Rule
-from fxpsweep.sweep.jobdir import finished_result, mark_started
-from fxpsweep.sweep.storage import atomic_write_json, atomic_write_text
+from fxpsweep.sweep.jobdir import finished_result
+from fxpsweep.sweep.storage import atomic_write_json
 
 log = logging.getLogger(__name__)
 

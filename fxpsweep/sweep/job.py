@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Subset
 
 import fxpsweep
 from fxpsweep.data.preprocess import prepare, subset_key
+from fxpsweep.data.splits import DataSplits
 from fxpsweep.engine.fixedpoint import check_bits
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.report import layer_sqnr, layer_table
@@ -147,14 +149,21 @@ def _loader(dataset, batch_size: int, workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
-def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str, Any]:
-    """Run one configuration and return its result; also written atomically to ``output_dir``.
+@dataclass
+class CalibratedNetwork:
+    """A job's network, built and calibrated: what ``run_job`` evaluates and ``fxpsweep.export`` exports."""
 
-    The float model and its fixed-point simulation are evaluated on the same
-    images in the same run. ``acc_lines_dir`` gets one human-readable line in
-    ``acc1_acc5.txt`` (the sweep folder in a multirun).
-    """
-    started = time.perf_counter()
+    model: PretrainedModel
+    quant_model: QuantizedNetwork
+    splits: DataSplits  # network inputs (preprocessed)
+    evaluation_images: list[int] | None  # indices of the evaluation images in the dataset
+    identity: dict[str, Any]  # the network and dataset, for cache keys
+    stats_source: str
+    device: torch.device
+
+
+def calibrated_network(cfg: DictConfig) -> CalibratedNetwork:
+    """Build ``cfg``'s model and its fixed-point network, calibrated on the calibration images."""
     settings = quant_settings(cfg)
     device = resolve_device(cfg.device.name)
     torch.manual_seed(cfg.seed)
@@ -175,7 +184,7 @@ def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str,
     dataset_config = OmegaConf.to_container(cfg.dataset, resolve=True)
     splits = prepare(splits, model.transform, dataset_config, cfg.cache_dir if cfg.image_cache else None)
 
-    float_model = model.module.to(device)
+    model.module.to(device)
     quant_model = QuantizedNetwork(model.module, settings, cfg.cache_dir, precision_rules(cfg)).to(device)
     # Statistics depend on the model, the calibration images and BatchNorm handling only:
     # gathered once, reused by every word length (from memory, or from the cache folder).
@@ -185,9 +194,23 @@ def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str,
     stats, stats_source = cached_stats(identity, cfg.cache_dir, lambda: quant_model.observe(calibration_batches, cfg.seed))
     log.info("calibration statistics: %s", stats_source)
     quant_model.calibrate(calibration_batches, stats)
+    return CalibratedNetwork(model, quant_model, splits, evaluation_images, {**network, "dataset": dataset_config}, stats_source, device)
+
+
+def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str, Any]:
+    """Run one configuration and return its result; also written atomically to ``output_dir``.
+
+    The float model and its fixed-point simulation are evaluated on the same
+    images in the same run. ``acc_lines_dir`` gets one human-readable line in
+    ``acc1_acc5.txt`` (the sweep folder in a multirun).
+    """
+    started = time.perf_counter()
+    settings = quant_settings(cfg)
+    job = calibrated_network(cfg)
+    model, quant_model, splits, device, stats_source = job.model, job.quant_model, job.splits, job.device, job.stats_source
     float_predictions, float_source, quant_predictions = _evaluate(
-        float_model, quant_model, _loader(splits.evaluation, cfg.batch_size, cfg.workers), device,
-        {**network, "dataset": dataset_config, "images": evaluation_images, "transform": repr(model.transform), "device": device.type},
+        model.module, quant_model, _loader(splits.evaluation, cfg.batch_size, cfg.workers), device,
+        {**job.identity, "images": job.evaluation_images, "transform": repr(model.transform), "device": device.type},
         cfg.cache_dir,
     )
     float_acc, quant_acc = float_predictions.accuracy(), quant_predictions.accuracy()
