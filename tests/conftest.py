@@ -9,9 +9,24 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def random_network(arch: str) -> nn.Module:
+    """A torchvision ``arch`` with seeded random weights and randomized BatchNorm (statistics and affine), in eval mode."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
 
 
 @pytest.fixture(scope="session")

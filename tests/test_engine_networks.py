@@ -12,26 +12,13 @@ import fnmatch
 import numpy as np
 import pytest
 import torch
-import torchvision
-from torch import nn
 
 import integer_reference as ref
+from conftest import random_network
 from fxpsweep.engine.ops import FixedAdd, FixedAvgPool, FixedCat, FixedClamp, FixedDot, FixedInput
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.settings import QuantSettings
 from fxpsweep.precision.rules import parse_rule
-
-
-def random_network(arch: str) -> nn.Module:
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(arch, weights=None)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
 
 
 def reference_output(op, inputs: list[np.ndarray], float_input: np.ndarray) -> np.ndarray:

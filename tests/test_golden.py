@@ -11,10 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torchvision
-from torch import nn
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, random_network
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.settings import QuantSettings
 from fxpsweep.errors import ConfigError
@@ -27,18 +25,6 @@ REPLAY_WITHOUT_TORCH = "import sys; sys.modules['torch'] = None; from fxpsweep.g
 
 def replay(folder) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", REPLAY_WITHOUT_TORCH, str(folder)], cwd=REPO, capture_output=True, text=True, timeout=900)
-
-
-def random_network(arch: str) -> nn.Module:
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(arch, weights=None)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
 
 
 def exported(tmp_path, arch: str, settings: QuantSettings, rules=None, size: int = 40):

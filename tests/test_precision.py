@@ -32,7 +32,7 @@ def test_rules_on_the_command_line_change_exactly_the_registers_they_name(run_ap
         ("features.7", "activation"): (8, 6), ("pool", "activation"): (8, 10),
     }  # the later rule wins for features.7's weights
     result = json.loads((tmp_path / "mixed" / "result.json").read_text())
-    assert result["precision"].startswith("uniform:") and len(result["precision_rules"]) == 3
+    assert result["precision"].startswith("mixed:") and len(result["precision_rules"]) == 3
     assert result["layer_costs"]["features.7"]["weight_bits"] == 3 and result["layer_costs"]["classifier"]["input_bits"] == 10
     uniform_result = json.loads((tmp_path / "uniform" / "result.json").read_text())
     assert result["weight_kib"] < uniform_result["weight_kib"] and uniform_result["precision"] == "uniform"

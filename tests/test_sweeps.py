@@ -74,6 +74,11 @@ def test_aggregate_merges_sweeps_plots_and_rewrites_a_readme_table(run_app, tmp_
     assert "stale" not in text and text.startswith("# title") and text.endswith("<!-- /digits -->\n\nafter\n")
     assert (tmp_path / "out" / "bits_vs_accuracy.md").read_text().strip() in text
     assert (tmp_path / "out" / "bits_vs_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The cost table: a row per job, cheapest weights first, its costs as result.json has them.
+    costs = pd.read_csv(tmp_path / "out" / "bits_vs_cost.csv")
+    assert list(costs.bits) == [4, 6] and list(costs.precision) == ["uniform", "uniform"]
+    assert costs.loc[1, "weight KiB"] == round(results[6]["weight_kib"], 3)
+    assert costs.loc[1, "GBitOps per image"] == round(results[6]["bitops"] / 1e9, 3)
 
 
 def test_local_submitit_launcher_runs_the_jobs_as_processes(run_app, tmp_path) -> None:

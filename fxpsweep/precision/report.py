@@ -45,13 +45,21 @@ def write_search_report(out: Path, answer: dict[str, Any]) -> str:
             f"| cheapest uniform width meeting it: {cheapest} bits | {u['top1']:.2f} | {h['float_top1'] - u['top1']:.2f} | "
             f"{u['weight_kib']:.1f} | {u['bitops'] / 1e9:.3f} |"
         )
-        lines += ["", f"Weight memory {100 * (1 - h['weight_kib'] / u['weight_kib']):.1f} % below, BitOps "
-                      f"{100 * (1 - h['bitops'] / u['bitops']):.1f} % below the cheapest uniform width; "
-                      f"within the tolerance on the holdout images: {'yes' if h['within_tolerance'] else 'no'}."]
+        lines += [
+            "",
+            f"Weight memory {_change(h['weight_kib'], u['weight_kib'])}, BitOps {_change(h['bitops'], u['bitops'])} "
+            f"the cheapest uniform width; within the tolerance on the holdout images: {'yes' if h['within_tolerance'] else 'no'}.",
+        ]
     markdown = "\n".join(lines) + "\n"
     atomic_write_text(out / "search.md", markdown)
     _plot(trace, key, answer, out / "search.png")
     return markdown
+
+
+def _change(value: float, reference: float) -> str:
+    """``value`` against ``reference`` in words: '12.6 % below' or '10.7 % above'."""
+    percent = 100 * (value / reference - 1)
+    return f"{abs(percent):.1f} % {'above' if percent > 0 else 'below'}"
 
 
 def _plot(trace: list[dict], key: str, answer: dict[str, Any], path: Path) -> None:

@@ -7,7 +7,9 @@ shows ``FAILED`` in its cell, one that started and never finished (killed)
 one column per bit-width (``w8a10`` where weights and activations differ) plus
 a ``float`` column; cells are ``top1/top5`` in percent. Where the results
 differ in a datapath or calibration setting (``SETTINGS``), that setting
-becomes part of the row.
+becomes part of the row. Beside it, the cost table (``bits_vs_cost``) has one
+row per finished job: its accuracy next to its weight memory, largest
+activation and BitOps, so mixed and uniform word lengths compare on one axis.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from fxpsweep.sweep import jobdir
 from fxpsweep.sweep.storage import atomic_write_bytes, atomic_write_text
 
 TABLE_STEM = "bits_vs_accuracy"
+COST_STEM = "bits_vs_cost"
+COST_COLUMNS = {"weight_kib": "weight KiB", "activation_kib": "largest activation KiB", "bitops": "GBitOps per image"}
 # Datapath and calibration settings: where a sweep varies one, the table gets a row per value.
 SETTINGS = [
     "bias_bits", "rounding", "overflow", "arithmetic", "acc_bits", "acc_overflow", "product_bits", "batchnorm",
@@ -107,6 +111,18 @@ def accuracy_table(results: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+def cost_table(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per finished job: model, dataset, precision, widths, top-1/top-5 and costs (``precision.costs``)."""
+    done = results[results.status == "done"] if "status" in results else results
+    if done.empty or "weight_kib" not in done:
+        return pd.DataFrame()
+    df = done.assign(bits=[_bits_label(p, f) for p, f in zip(done.param_bits, done.fwd_bits)], bitops=done.bitops / 1e9)
+    df = df.sort_values(["model", "dataset", "weight_kib"])
+    columns = ["model", "dataset", "precision", "bits", "quant_top1", "quant_top5", *COST_COLUMNS]
+    table = df[columns].rename(columns={"quant_top1": "top-1", "quant_top5": "top-5", **COST_COLUMNS})
+    return table.round(3).reset_index(drop=True)
+
+
 def plot(table: pd.DataFrame, path: Path) -> None:
     """Top-1 against bit-width, one line per row of ``table``, its float top-1 dashed in the same colour."""
     import matplotlib
@@ -150,9 +166,13 @@ def replace_between_markers(text: str, marker: str, content: str) -> str:
 
 
 def write_tables(sweep_dirs: Iterable[str | Path], out_dir: str | Path) -> pd.DataFrame:
-    """Aggregate ``sweep_dirs``; write ``bits_vs_accuracy.csv``, ``.md`` and ``.png`` into ``out_dir``."""
-    table = accuracy_table(load_results(sweep_dirs))
+    """Aggregate ``sweep_dirs``; write ``bits_vs_accuracy.csv``, ``.md``, ``.png`` and ``bits_vs_cost.csv``, ``.md`` into ``out_dir``."""
+    results = load_results(sweep_dirs)
+    table = accuracy_table(results)
     out = Path(out_dir)
+    costs = cost_table(results)
+    atomic_write_text(out / f"{COST_STEM}.csv", costs.to_csv(index=False))
+    atomic_write_text(out / f"{COST_STEM}.md", costs.to_markdown(index=False) + "\n")
     atomic_write_text(out / f"{TABLE_STEM}.csv", table.to_csv(index=False))
     atomic_write_text(out / f"{TABLE_STEM}.md", table.to_markdown(index=False) + "\n")
     if not table.empty:

@@ -110,11 +110,15 @@ def rule_texts(cfg: DictConfig) -> list[str]:
 
 
 def precision_label(cfg: DictConfig) -> str:
-    """``uniform``, or the precision option's name and a short hash of its rules (and probe): tells mixed runs apart."""
+    """``uniform``, or a name and a short hash of the rules (and probe): tells mixed runs apart.
+
+    The name is the precision option's (a precision file), or ``mixed`` for rules given on the command line.
+    """
     rules = rule_texts(cfg)
     if not rules:
         return "uniform"
-    return f"{cfg.precision.name}:{hashlib.sha256(json.dumps(rules).encode()).hexdigest()[:8]}"
+    name = "mixed" if cfg.precision.name == "uniform" else cfg.precision.name
+    return f"{name}:{hashlib.sha256(json.dumps(rules).encode()).hexdigest()[:8]}"
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:
