@@ -146,9 +146,12 @@ class DotLayer:
         x = codes.double()
         if g.is_linear:
             return x.sum(1, keepdim=True)
-        cin = self.weight.shape[1]
-        ones = torch.ones(g.groups, cin, *self.weight.shape[2:], dtype=torch.float64, device=x.device)
-        sums = F.conv2d(x, ones, None, g.stride, g.padding, g.dilation, g.groups)  # (N, groups, OH, OW)
+        # Sum each group's input channels first, then the window of that one map: the same integers
+        # (zero padding adds nothing either way) for a fraction of the work of a conv over every channel.
+        n, _, h, w = x.shape
+        per_group = x.reshape(n, g.groups, -1, h, w).sum(2)  # (N, groups, H, W)
+        ones = torch.ones(g.groups, 1, *self.weight.shape[2:], dtype=torch.float64, device=x.device)
+        sums = F.conv2d(per_group, ones, None, g.stride, g.padding, g.dilation, g.groups)  # (N, groups, OH, OW)
         return sums.repeat_interleave(self.out_channels // g.groups, dim=1)
 
     def channel_view(self, values: torch.Tensor) -> torch.Tensor:
