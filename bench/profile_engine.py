@@ -3,13 +3,13 @@
     python bench/profile_engine.py [--model resnet18] [--bits 16] [--arithmetic exact] [--batch 32] [--threads 2]
 
 The model and its calibration are those of ``throughput.py``. After a warm-up
-batch (kernel choices, compiled rounding), one batch of the fixed-point network
-and one of float32 (BatchNorm folded, channels-last: the baseline of
-``throughput.py``) run under ``torch.profiler``; the table lists the operators
-by self CPU time, summed over the batch, with their share of the network's
-time, so a missed target names what bounds it: the integer or float
-convolutions and GEMMs (the kernels), the element-wise passes of the rounding
-(``CompiledFunction``: one compiled pass per register), or the rest.
+batch (kernel choices, compiled rounding), the fixed-point network and float32
+(BatchNorm folded, channels-last: the baseline of ``throughput.py``) are timed
+(best of three batches), then one batch of the fixed-point network runs under
+``torch.profiler``; the table lists its operators by self CPU time with their
+share, so a missed target names what bounds it: the integer or float
+convolutions and GEMMs (the kernels), the compiled rounding passes (one per
+register), or the rest.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import math
 import time
 
 import torch
-from throughput import ChannelsLast, fxpsweep_network, random_model
+from throughput import INPUT_SIZE, ChannelsLast, fxpsweep_network, random_model
 from torch.fx.experimental.optimization import fuse
 
 COMPILED = "compiled rounding passes (torch.compile, all graphs)"
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    size = 32 if args.model == "resnet20_cifar10" else 224
+    size = INPUT_SIZE.get(args.model, 224)
     torch.manual_seed(0)
     batch = torch.randn(args.batch, 3, size, size)
     model = random_model(args.model)
