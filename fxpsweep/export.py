@@ -17,7 +17,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fxpsweep.errors import ConfigError
+from fxpsweep.errors import ConfigError, one_line_errors
 from fxpsweep.golden.export import export
 from fxpsweep.sweep.config import check_config
 from fxpsweep.sweep.job import calibrated_network, rule_texts
@@ -49,10 +49,8 @@ def run(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
         run(cfg)
-    except ConfigError as err:
-        raise SystemExit(f"fxpsweep: error: {err}") from None
 
 
 if __name__ == "__main__":

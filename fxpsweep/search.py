@@ -18,7 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fxpsweep.errors import ConfigError
+from fxpsweep.errors import ConfigError, one_line_errors
 from fxpsweep.precision.report import write_search_report
 from fxpsweep.precision.search import SearchSettings, search
 from fxpsweep.sweep import jobdir
@@ -55,14 +55,12 @@ def precision_file(cfg: DictConfig, answer: dict[str, Any]) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="search")
 def main(cfg: DictConfig) -> None:
     s = cfg.search
-    try:
+    with one_line_errors():
         check_config(cfg)
         if cfg.precision.rules or cfg.probe is not None:
             raise ConfigError("precision.rules and probe are what the search chooses; leave them out")
         settings = SearchSettings(s.tolerance, s.margin, list(s.widths), s.cost, s.probe_images, list(s.holdout_widths))
         answer = search(cfg, settings, Path(s.out), run_one)
-    except ConfigError as err:
-        raise SystemExit(f"fxpsweep: error: {err}") from None
     out = Path(s.out)
     path = out / "precision" / f"{cfg.search.name}.yaml"
     atomic_write_text(path, precision_file(cfg, answer))

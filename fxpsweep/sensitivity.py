@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fxpsweep.engine.network import QuantizedNetwork
-from fxpsweep.errors import ConfigError
+from fxpsweep.errors import ConfigError, one_line_errors
 from fxpsweep.precision.sensitivity import probes, sensitivity_table, write_report
 from fxpsweep.sweep.config import check_config
 from fxpsweep.sweep.job import build, quant_settings
@@ -50,10 +50,8 @@ def study(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sensitivity")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
         study(cfg)
-    except ConfigError as err:
-        raise SystemExit(f"fxpsweep: error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -55,30 +55,6 @@ def overflow(k: np.ndarray, bits: int, mode: str) -> np.ndarray:
     return np.where(low > hi, low - (1 << bits), low)
 
 
-def shift_round(v: np.ndarray, s: np.ndarray | int, rounding: str) -> np.ndarray:
-    """``v * 2**-s`` rounded to an integer: exact left shifts for ``s <= 0``, the rounding rule for ``s > 0``."""
-    v = np.asarray(v, dtype=np.int64)
-    s = np.broadcast_to(np.asarray(s, dtype=np.int64), v.shape)
-    up_shift = np.left_shift(v, np.maximum(-s, 0))
-    d = np.maximum(s, 0)
-    q = np.right_shift(v, d)  # floor(v / 2**d): arithmetic shift
-    r = v - np.left_shift(q, d)  # remainder, 0 <= r < 2**d
-    half = np.where(d > 0, np.left_shift(np.int64(1), np.maximum(d - 1, 0)), 0)
-    if rounding == "nearest_even":
-        up = (r > half) | ((r == half) & (d > 0) & (q % 2 == 1))
-    elif rounding == "nearest_up":
-        up = (d > 0) & (r >= half)
-    elif rounding == "nearest_away":
-        up = (r > half) | ((r == half) & (d > 0) & (v > 0))
-    elif rounding == "floor":
-        up = np.zeros_like(r, dtype=bool)
-    elif rounding == "toward_zero":
-        up = (r > 0) & (v < 0)
-    else:
-        raise ReplayError(f"rounding {rounding!r} cannot be replayed")
-    return np.where(s <= 0, up_shift, q + up.astype(np.int64))
-
-
 def divide_round(p: np.ndarray, q: np.ndarray, rounding: str) -> np.ndarray:
     """``p / q`` (``q > 0``) rounded by the rule, decided on the exact remainder (average pooling)."""
     low = np.floor_divide(p, q)
@@ -96,6 +72,14 @@ def divide_round(p: np.ndarray, q: np.ndarray, rounding: str) -> np.ndarray:
     else:
         raise ReplayError(f"rounding {rounding!r} cannot be replayed")
     return low + up.astype(np.int64)
+
+
+def shift_round(v: np.ndarray, s: np.ndarray | int, rounding: str) -> np.ndarray:
+    """``v * 2**-s`` rounded to an integer: exact left shifts for ``s <= 0``, ``divide_round`` by ``2**s`` for ``s > 0``."""
+    v = np.asarray(v, dtype=np.int64)
+    s = np.broadcast_to(np.asarray(s, dtype=np.int64), v.shape)
+    rounded = divide_round(v, np.left_shift(np.int64(1), np.maximum(s, 0)), rounding)
+    return np.where(s <= 0, np.left_shift(v, np.maximum(-s, 0)), rounded)
 
 
 def write_register(v: np.ndarray, s: np.ndarray | int, fmt: dict, clamp: list[int] | None) -> np.ndarray:

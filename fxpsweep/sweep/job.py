@@ -209,7 +209,6 @@ def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str,
     ``acc1_acc5.txt`` (the sweep folder in a multirun).
     """
     started = time.perf_counter()
-    settings = quant_settings(cfg)
     job = calibrated_network(cfg)
     model, quant_model, splits, device, stats_source = job.model, job.quant_model, job.splits, job.device, job.stats_source
     float_predictions, float_source, quant_predictions = _evaluate(
@@ -220,7 +219,7 @@ def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str,
     float_acc, quant_acc = float_predictions.accuracy(), quant_predictions.accuracy()
     formats = quant_model.formats()  # overflow counts over the evaluation images, before the report reruns some
     costs = layer_costs(quant_model)
-    sqnr = _layer_sqnr(model, settings, quant_model, splits.evaluation, cfg, device)
+    sqnr = _layer_sqnr(model, quant_model.settings, quant_model, splits.evaluation, cfg, device)
     layers = layer_table(formats, sqnr)
 
     result = {
