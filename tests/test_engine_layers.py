@@ -11,6 +11,7 @@ from torch import nn
 
 import integer_reference as ref
 from fxpsweep.engine.fixedpoint import QFormat
+from fxpsweep.engine.kernels import OneDNNInt8Kernel, onednn_digit_bits
 from fxpsweep.engine.ops import FixedAdd, FixedAvgPool, FixedCat, FixedDot
 from fxpsweep.engine.settings import QuantSettings
 
@@ -190,3 +191,36 @@ def test_extreme_sixteen_bit_weights_on_every_kernel(shape: str, device) -> None
     view = (1, -1) if shape == "linear" else (1, -1, 1, 1)
     total = acc + b.reshape(view) * (np.int64(1) << 8)  # bias F 16 -> accumulator F 24
     np.testing.assert_array_equal(got, ref.requantize_array(total, 24, 16, 0, "nearest_even", "saturate"))
+
+
+@pytest.mark.parametrize("shape", ["conv", "strided_depthwise", "linear"])
+@pytest.mark.parametrize("digit_bits", sorted({7, onednn_digit_bits()}))
+def test_extreme_eight_bit_codes_on_onednn_with_either_digit_width(shape: str, digit_bits: int, device) -> None:
+    # Every code at the end of its 8-bit range, products of one sign: where a library adds two
+    # uint8 x int8 products into a saturating int16 first (x86 without VNNI), 8-bit digits are off by
+    # millions; 7-bit digits (what fxpsweep uses there) are exact on every CPU. 8-bit digits are
+    # checked where this CPU sums in int32 (VNNI), the only place the engine uses them.
+    if device.type != "cpu":
+        pytest.skip("oneDNN int8 kernels run on the CPU")
+    rng = np.random.default_rng(3)
+    if shape == "linear":
+        module, x_shape = nn.Linear(64, 4, bias=False), (3, 64)
+    else:
+        groups = 8 if shape == "strided_depthwise" else 1
+        module, x_shape = nn.Conv2d(8, 8, 3, 2 if groups > 1 else 1, 1, groups=groups, bias=False), (2, 8, 6, 6)
+    w = np.where(rng.random(module.weight.shape) < 0.5, 127, -128).astype(np.int64)
+    w[0] = 127  # one output channel of all-positive products against all-maximum inputs
+    x = np.where(rng.random(x_shape) < 0.5, 127, -128).astype(np.int64)
+    x.reshape(x_shape[0], -1)[0] = 127
+    with torch.no_grad():
+        module.weight.copy_(as_real(w, 0))
+    op = FixedDot("extreme", module)
+    op.set_parameter_formats([QFormat(8, 0)] * module.weight.shape[0], None)
+    op.to(device).finalize(QFormat(32, 0), [QFormat(8, 0)], QuantSettings(8, 32), 0)
+    assert OneDNNInt8Kernel.applies(op.layer, device, digit_bits)
+    op.use(OneDNNInt8Kernel(op.layer, device, digit_bits=digit_bits))
+    with torch.no_grad():
+        got = op(torch.tensor(x, dtype=torch.float64, device=device)).cpu().to(torch.int64).numpy()
+    g = module.groups if shape != "linear" else 1
+    acc = ref.linear_acc(x, w, None, None) if shape == "linear" else ref.conv2d_acc(x, w, module.stride[0], 1, 1, g, None, None)
+    np.testing.assert_array_equal(got, acc)

@@ -67,3 +67,20 @@ def test_a_forced_kernel_runs_where_it_is_exact_and_is_reported() -> None:
     net(torch.randn(4, 3, 8, 8))
     dots = [f for f in net.formats() if f.kind == "activation" and f.kernel]
     assert len(dots) == 2 and {f.kernel for f in dots} == {"float64"}
+
+
+def test_a_kernel_wrong_only_on_extreme_codes_is_never_chosen(monkeypatch, caplog) -> None:
+    # Like oneDNN's int16 pair sums without VNNI: right on ordinary inputs, off where sums grow large.
+    monkeypatch.setattr(kernel_choice, "_in_memory", {})
+    op = conv_layer()
+    wrong = next(k for k in op.candidates if k.name != "float64")
+    right = type(wrong).__call__
+
+    def saturating(self, x: torch.Tensor) -> torch.Tensor:
+        return right(self, x) if x.abs().max() < 2**11 - 1 else right(self, x) + 1
+
+    wrong.__class__ = type("WrongOnExtremes", (type(wrong),), {"__call__": saturating})
+    ordinary = torch.randint(-100, 100, (4, 16, 12, 12)).float()
+    op(ordinary)
+    assert op.kernel != wrong.label
+    assert "disagrees" in caplog.text

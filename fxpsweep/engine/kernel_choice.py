@@ -5,9 +5,11 @@ on a processor with and without VNNI), so nothing is assumed: the first batch
 a conv/linear layer sees (of each shape) runs through every kernel that
 ``kernels`` proves exact for it, each timed (one warm-up call, then the best
 of two; a kernel whose first timed call took over three times the best time
-so far is not timed again). Their outputs must agree bit for bit, since all are exact: one that
-differs from ``float64`` (the plainest) is a bug in it or in the library
-under it, is logged as an error and never chosen.
+so far is not timed again). Their outputs must agree bit for bit, since all
+are exact, on that input and on one of extreme codes (each the word's
+minimum or maximum, where intermediate sums of a library's kernel would
+overflow first): one that differs from ``float64`` (the plainest) is a bug in
+it or in the library under it, is logged as an error and never chosen.
 
 Choices are cached per machine (processor, CPU capability, torch version,
 threads, device) and per layer signature (input and weight shapes, geometry,
@@ -104,12 +106,14 @@ class KernelChooser:
     def _time(self, candidates: list[Kernel], codes: torch.Tensor, layer_name: str) -> dict[str, float]:
         """Seconds per call of each candidate that agrees with the reference output."""
         reference_kernel = next((k for k in candidates if k.name == "float64"), candidates[0])
+        extreme = extreme_codes(codes[:2], reference_kernel.layer.act_bits)
         reference = reference_kernel(codes)  # also its warm-up
+        reference_extreme = reference_kernel(extreme)
         seconds: dict[str, float] = {}
         for kernel in [k for k in candidates if k is not reference_kernel] + [reference_kernel]:
             if kernel is not reference_kernel:
                 out = kernel(codes)  # warm-up: first calls pay for setup (primitive creation, compilation)
-                if not torch.equal(out.double(), reference.double()):
+                if not (torch.equal(out.double(), reference.double()) and torch.equal(kernel(extreme).double(), reference_extreme.double())):
                     log.error("%s: kernel %s disagrees with %s; it is not used", layer_name, kernel.label, reference_kernel.label)
                     continue
             first = _timed(kernel, codes)
@@ -133,6 +137,13 @@ class KernelChooser:
             "kernel": best, "layer": layer_name, "seconds": {k: round(s, 6) for k, s in seconds.items()},
         }
         atomic_write_json(path, record)
+
+
+def extreme_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of ``codes``' shape, each at random the minimum or the maximum of a ``bits``-bit word (seeded)."""
+    generator = torch.Generator().manual_seed(0)
+    top = torch.rand(codes.shape, generator=generator).to(codes.device) < 0.5
+    return torch.where(top, 2.0 ** (bits - 1) - 1, -(2.0 ** (bits - 1))).to(codes.dtype)
 
 
 def _timed(kernel: Kernel, codes: torch.Tensor) -> float:

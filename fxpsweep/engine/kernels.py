@@ -20,10 +20,14 @@ the fastest is measured on the machine (``kernel_choice``):
 - ``onednn_int8``: oneDNN's int8 convolutions (``torch.ops.onednn``, what
   PyTorch's x86 quantization runs on): uint8 inputs with zero point 128, int8
   weights, int32 accumulation, float32 output. Exact while each output fits
-  float32's ``2**24``. Wider words split into 8-bit pieces (activations into
-  bytes, weights into signed digits, below), chunked like ``float32`` where a
-  piece's sum could pass ``2**24``, combined in float64. One 8-bit call: scale
-  and bias fold in.
+  float32's ``2**24``, and while no product pair saturates: without VNNI
+  (AVX2, AVX-512 without VNNI) oneDNN adds two uint8 x int8 products into a
+  saturating int16 first (``vpmaddubsw``), so there the weights are cut into
+  7-bit digits (``2 * 255 * 64 < 2**15``; ``onednn_digit_bits``). Wider words
+  split into pieces (activations into bytes, weights into signed digits,
+  below), chunked like ``float32`` where a piece's sum could pass ``2**24``,
+  combined in float64. One 8-bit call (weights of one digit): scale and bias
+  fold in.
 - ``int8_mm``: ``torch._int_mm`` (int8 x int8 -> int32) GEMMs over im2col rows
   of the same 8-bit pieces; int32 holds any piece sum with ``K < 2**17``.
   Ungrouped layers.
@@ -36,13 +40,15 @@ the fastest is measured on the machine (``kernel_choice``):
   semantics need it.
 
 8-bit pieces: weights split into signed digits ``w = sum_j 256**j * w_j``
-(``w_j`` in [-128, 127]), activations into bytes offset by 128
+(``w_j`` in [-128, 127]; ``onednn_int8`` without VNNI: ``128**j``, ``w_j`` in
+[-64, 63]), activations into bytes offset by 128
 (``a = sum_i 256**i * a_i + C``, each ``a_i`` in [-128, 127]; the constant
 ``C`` contributes ``C * sum_k w_k``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -274,37 +280,54 @@ class Float64Kernel(Kernel):
         return float_dot(codes.double(), self.weight, self.layer.geometry, self.bias)
 
 
-def signed_digits(w: torch.Tensor) -> list[torch.Tensor]:
-    """Split integer codes into int8 digits with ``w = sum_j 256**j * digits[j]``, each in [-128, 127]."""
+def signed_digits(w: torch.Tensor, bits: int = 8) -> list[torch.Tensor]:
+    """Split integer codes into int8 digits of ``bits`` bits (7 or 8): ``w = sum_j (2**bits)**j * digits[j]``,
+    each in ``[-2**(bits-1), 2**(bits-1) - 1]``."""
+    base, half = 2**bits, 2 ** (bits - 1)
     digits = []
     rest = w.to(torch.int64)
     while True:
-        digit = torch.remainder(rest + 128, 256) - 128
+        digit = torch.remainder(rest + half, base) - half
         digits.append(digit.to(torch.int8))
-        rest = (rest - digit) // 256
+        rest = (rest - digit) // base
         if not rest.any():
             return digits
 
 
-WEIGHT_SHIFT = 128  # see split_weights
+def split_weights(weight: torch.Tensor, bits: int = 8) -> tuple[int, list[torch.Tensor]]:
+    """``(shift, digits)`` with ``weight = shift + sum_j (2**bits)**j * digits[j]``, ``shift`` 0 or ``2**(bits-1)``.
 
-
-def split_weights(weight: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
-    """``(shift, digits)`` with ``weight = shift + sum_j 256**j * digits[j]``, ``shift`` 0 or 128.
-
-    Two signed digits hold [-32896, 32639], not the top of a 16-bit word's
-    [-32768, 32767]; ``weight - 128`` always fits. Where that saves a digit
-    (one conv or GEMM per activation piece), the kernel adds
-    ``128 * sum_k a_k`` itself (``DotLayer.window_sums``).
+    Two signed 8-bit digits hold [-32896, 32639], not the top of a 16-bit
+    word's [-32768, 32767]; ``weight - 128`` always fits. Where that saves a
+    digit (one conv or GEMM per activation piece), the kernel adds
+    ``shift * sum_k a_k`` itself (``DotLayer.window_sums``).
     """
-    plain = signed_digits(weight)
-    shifted = signed_digits(weight - WEIGHT_SHIFT)
-    return (WEIGHT_SHIFT, shifted) if len(shifted) < len(plain) else (0, plain)
+    plain = signed_digits(weight, bits)
+    shift = 2 ** (bits - 1)
+    shifted = signed_digits(weight - shift, bits)
+    return (shift, shifted) if len(shifted) < len(plain) else (0, plain)
 
 
 def piece_count(total_bits: int) -> int:
     """How many 8-bit pieces ``fused.byte_pieces`` cuts a word of ``total_bits`` into."""
     return max(1, math.ceil(total_bits / 8))
+
+
+@functools.cache
+def onednn_digit_bits() -> int:
+    """Bits of the weight digits that oneDNN's uint8 x int8 kernels multiply exactly on this CPU.
+
+    8 with VNNI (``vpdpbusd`` sums four products straight into int32). 7
+    without it: ``vpmaddubsw`` first adds two products into a saturating int16,
+    and ``2 * 255 * 127`` does not fit (measured on an AVX2 EPYC: an 8-bit conv
+    of all-extreme codes off by 2.3e6), while ``2 * 255 * 64 = 32640`` does.
+    Where the CPU cannot be asked, 7.
+    """
+    is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)
+    try:
+        return 8 if is_vnni is not None and is_vnni() else 7
+    except RuntimeError:
+        return 7
 
 
 def _onednn_chunks(layer: DotLayer, digits: list[torch.Tensor]) -> list[slice] | None:
@@ -330,12 +353,13 @@ class OneDNNInt8Kernel(Kernel):
 
     name = "onednn_int8"
 
-    def __init__(self, layer: DotLayer, device: torch.device, exact: bool = True) -> None:
+    def __init__(self, layer: DotLayer, device: torch.device, exact: bool = True, digit_bits: int | None = None) -> None:
         super().__init__(layer, device)
-        self.shift, self.digits = split_weights(layer.weight)
+        self.digit_bits = digit_bits or onednn_digit_bits()
+        self.shift, self.digits = split_weights(layer.weight, self.digit_bits)
         self.n_pieces = piece_count(layer.act_bits)
         self.chunks = _onednn_chunks(layer, self.digits) if exact else [slice(None)]
-        single = self.n_pieces == 1 and len(self.digits) == 1 and len(self.chunks) == 1
+        single = self.n_pieces == 1 and len(self.digits) == 1 and len(self.chunks) == 1 and not self.shift
         self.folded = not layer.raw and single and (not exact or layer.folded_bound() < FLOAT32_EXACT)
         cout = layer.out_channels
         self.scales = (layer.out_scale if self.folded else torch.ones(cout, dtype=torch.float64)).float()
@@ -361,10 +385,10 @@ class OneDNNInt8Kernel(Kernel):
             )
 
     @classmethod
-    def applies(cls, layer: DotLayer, device: torch.device) -> bool:
+    def applies(cls, layer: DotLayer, device: torch.device, digit_bits: int | None = None) -> bool:
         if device.type != "cpu" or not _onednn_available():
             return False
-        _, digits = split_weights(layer.weight)
+        _, digits = split_weights(layer.weight, digit_bits or onednn_digit_bits())
         chunks = _onednn_chunks(layer, digits)
         return chunks is not None and piece_count(layer.act_bits) * len(digits) * len(chunks) <= MAX_CALLS
 
@@ -401,7 +425,7 @@ class OneDNNInt8Kernel(Kernel):
             for j, per_chunk in enumerate(self.packed):
                 for chunk, packed in zip(self.chunks, per_chunk):
                     terms.append(self._call(piece[:, chunk].contiguous(memory_format=layout), packed))
-                    multipliers.append(256.0 ** (i + j))
+                    multipliers.append(256.0**i * 2.0 ** (self.digit_bits * j))
         if self.shift:
             terms.append(self.layer.window_sums(codes))
             multipliers.append(float(self.shift))
@@ -527,7 +551,8 @@ def exact_candidates(layer: DotLayer, device: torch.device) -> list[Kernel]:
 def fast_candidates(layer: DotLayer, device: torch.device) -> list[Kernel]:
     """``arithmetic=fast``: one call without the bound (inexact where partial sums pass ``2**24``)."""
     found: list[Kernel] = [Float32Kernel(layer, device, exact=False)]
-    if device.type == "cpu" and _onednn_available() and layer.act_bits <= 8 and len(signed_digits(layer.weight)) == 1:
+    # Only weights of one digit: without VNNI, wider ones would saturate oneDNN's int16 pair sums (not a rounding error).
+    if device.type == "cpu" and _onednn_available() and layer.act_bits <= 8 and len(signed_digits(layer.weight, onednn_digit_bits())) == 1:
         found.insert(0, OneDNNInt8Kernel(layer, device, exact=False))
     return found
 
