@@ -224,3 +224,27 @@ def test_extreme_eight_bit_codes_on_onednn_with_either_digit_width(shape: str, d
     g = module.groups if shape != "linear" else 1
     acc = ref.linear_acc(x, w, None, None) if shape == "linear" else ref.conv2d_acc(x, w, module.stride[0], 1, 1, g, None, None)
     np.testing.assert_array_equal(got, acc)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_layers_reading_a_relu_register_equal_the_reference_on_every_kernel(seed: int, device) -> None:
+    # An input that is never negative (the builder sets input_low_code from a ReLU-clamped producer)
+    # goes to oneDNN as the codes themselves, zero point 0, 8-bit weight digits on any CPU.
+    py, rng = random.Random(seed), np.random.default_rng(seed)
+    wa, ww = py.randint(2, 8), py.randint(2, 8)
+    linear = seed % 3 == 0
+    module = nn.Linear(48, 5) if linear else nn.Conv2d(12, 6, 3, py.choice([1, 2]), 1, groups=py.choice([1, 3]))
+    x = rng.integers(0, 2 ** (wa - 1), size=(3, 48) if linear else (2, 12, 7, 7), dtype=np.int64)
+    x.reshape(x.shape[0], -1)[0] = 2 ** (wa - 1) - 1  # one image all at the top
+    w = random_codes(rng, module.weight.shape, ww)
+    w.reshape(w.shape[0], -1)[0] = 2 ** (ww - 1) - 1  # one channel of all-positive products
+    with torch.no_grad():
+        module.weight.copy_(as_real(w, 0))
+        module.bias.zero_()
+    op = FixedDot("after_relu", module)
+    op.input_low_code = 0
+    op.set_parameter_formats([QFormat(ww, 0)] * module.weight.shape[0], None)
+    got = run_op(op, device, QuantSettings(ww, 32), QFormat(32, 0), [QFormat(wa, 0)], x)
+    assert device.type != "cpu" or any(getattr(k, "zero_point", None) == 0 for k in op.candidates)
+    acc = ref.linear_acc(x, w, None, None) if linear else ref.conv2d_acc(x, w, module.stride[0], 1, 1, module.groups, None, None)
+    np.testing.assert_array_equal(got, acc)

@@ -6,9 +6,9 @@ a conv/linear layer sees (of each shape) runs through every kernel that
 ``kernels`` proves exact for it, each timed (one warm-up call, then the best
 of two; a kernel whose first timed call took over three times the best time
 so far is not timed again). Their outputs must agree bit for bit, since all
-are exact, on that input and on one of extreme codes (each the word's
-minimum or maximum, where intermediate sums of a library's kernel would
-overflow first): one that differs from ``float64`` (the plainest) is a bug in
+are exact, on that input and on one of extreme codes (each the lowest or the
+highest code the input may hold, where intermediate sums of a library's
+kernel would overflow first): one that differs from ``float64`` (the plainest) is a bug in
 it or in the library under it, is logged as an error and never chosen.
 
 Choices are cached per machine (processor, CPU capability, torch version,
@@ -82,7 +82,8 @@ class KernelChooser:
         layer = candidates[0].layer
         signature = _digest({
             "input": list(codes.shape), "weight": list(layer.weight.shape), "geometry": repr(layer.geometry),
-            "act_bits": layer.act_bits, "raw": layer.raw, "candidates": [k.label for k in candidates],
+            "act_bits": layer.act_bits, "raw": layer.raw, "unsigned_input": layer.unsigned_input,
+            "candidates": [k.label for k in candidates],
         })
         known = _in_memory.setdefault(machine_key, {})
         path = self.cache_dir / "kernels" / f"{machine_key}.json" if self.cache_dir is not None else None
@@ -106,7 +107,7 @@ class KernelChooser:
     def _time(self, candidates: list[Kernel], codes: torch.Tensor, layer_name: str) -> dict[str, float]:
         """Seconds per call of each candidate that agrees with the reference output."""
         reference_kernel = next((k for k in candidates if k.name == "float64"), candidates[0])
-        extreme = extreme_codes(codes[:2], reference_kernel.layer.act_bits)
+        extreme = extreme_codes(codes[:2], *reference_kernel.layer.input_codes)
         reference = reference_kernel(codes)  # also its warm-up
         reference_extreme = reference_kernel(extreme)
         seconds: dict[str, float] = {}
@@ -139,11 +140,11 @@ class KernelChooser:
         atomic_write_json(path, record)
 
 
-def extreme_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes of ``codes``' shape, each at random the minimum or the maximum of a ``bits``-bit word (seeded)."""
+def extreme_codes(codes: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Codes of ``codes``' shape, each at random ``low`` or ``high`` (seeded)."""
     generator = torch.Generator().manual_seed(0)
     top = torch.rand(codes.shape, generator=generator).to(codes.device) < 0.5
-    return torch.where(top, 2.0 ** (bits - 1) - 1, -(2.0 ** (bits - 1))).to(codes.dtype)
+    return torch.where(top, high, low).to(codes.dtype)
 
 
 def _timed(kernel: Kernel, codes: torch.Tensor) -> float:

@@ -31,8 +31,8 @@ the fastest is measured on the machine (``kernel_choice``):
 - ``int8_mm``: ``torch._int_mm`` (int8 x int8 -> int32) GEMMs over im2col rows
   of the same 8-bit pieces; int32 holds any piece sum with ``K < 2**17``.
   Ungrouped layers.
-- ``float32_pieces``: grouped and depthwise convolutions with a small window
-  (``K * 2**14 < 2**24``): float32 convolutions of the 8-bit pieces.
+- ``float32_pieces``: float32 convolutions of the 8-bit pieces, chunked like
+  ``onednn_int8``.
 - ``float64``: exact while partial sums stay below ``2**53``.
 - ``sequential``: one input position ``k`` at a time, in the order (input
   channel, kernel row, kernel column), for a saturating accumulator or
@@ -86,6 +86,8 @@ class DotLayer:
     ``out_scale``: ``2**(F_out - F_acc)`` per output channel. ``bias_out``: the
     bias in units of the output LSB, exact. ``bias_unit``: the bias LSB in the
     same units (None: no bias). ``raw``: kernels return ``acc``, not ``v``.
+    ``unsigned_input``: every input code is >= 0 (the register it reads is
+    clamped by a ReLU as it is written).
     """
 
     weight: torch.Tensor
@@ -95,6 +97,7 @@ class DotLayer:
     bias_out: torch.Tensor
     bias_unit: float | None
     raw: bool = False
+    unsigned_input: bool = False
 
     @property
     def out_channels(self) -> int:
@@ -103,6 +106,11 @@ class DotLayer:
     @property
     def act_max(self) -> float:
         return 2.0 ** (self.act_bits - 1)
+
+    @property
+    def input_codes(self) -> tuple[float, float]:
+        """The lowest and the highest code the input may hold."""
+        return (0.0 if self.unsigned_input else -self.act_max), self.act_max - 1
 
     def abs_sums(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """``sum |w|`` per output channel and input channel (a column per input channel, K for linear)."""
@@ -321,7 +329,9 @@ def onednn_digit_bits() -> int:
     without it: ``vpmaddubsw`` first adds two products into a saturating int16,
     and ``2 * 255 * 127`` does not fit (measured on an AVX2 EPYC: an 8-bit conv
     of all-extreme codes off by 2.3e6), while ``2 * 255 * 64 = 32640`` does.
-    Where the CPU cannot be asked, 7.
+    Where the CPU cannot be asked, 7. (Inputs of 7 bits, ``unsigned_input``,
+    take 8-bit digits everywhere: ``2 * 127 * 128 = 32512``; see
+    ``OneDNNInt8Kernel``.)
     """
     is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)
     try:
@@ -330,8 +340,20 @@ def onednn_digit_bits() -> int:
         return 7
 
 
-def _onednn_chunks(layer: DotLayer, digits: list[torch.Tensor]) -> list[slice] | None:
-    """Input-channel chunks for ``OneDNNInt8Kernel``: each call's sum of one activation piece times one
+def _onednn_unsigned(layer: DotLayer) -> bool:
+    """Whether the input goes to oneDNN as the codes themselves (uint8 in [0, 127], zero point 0):
+    one piece, never negative. Else as uint8 ``piece + 128`` with zero point 128."""
+    return layer.unsigned_input and piece_count(layer.act_bits) == 1
+
+
+def _onednn_digits(layer: DotLayer, digit_bits: int | None = None) -> int:
+    """The weight digit width of ``OneDNNInt8Kernel`` on ``layer``: 8 for unsigned 7-bit inputs (their
+    product pairs fit int16 on any CPU), else what the CPU sums exactly (``onednn_digit_bits``)."""
+    return digit_bits or (8 if _onednn_unsigned(layer) else onednn_digit_bits())
+
+
+def _piece_chunks(layer: DotLayer, digits: list[torch.Tensor]) -> list[slice] | None:
+    """Input-channel chunks for kernels of pieces: each call's sum of one activation piece times one
     weight digit stays below ``2**24`` (8-bit words: the codes themselves, pieces: at most 128)."""
     if piece_count(layer.act_bits) == 1 and len(digits) == 1:
         return layer.input_chunks(layer.abs_sums(), layer.act_max, FLOAT32_EXACT)
@@ -344,21 +366,25 @@ def _onednn_available() -> bool:
 
 
 class OneDNNInt8Kernel(Kernel):
-    """oneDNN int8 convolutions or matmuls (uint8 input with zero point 128, int8 weights), float32 output.
+    """oneDNN int8 convolutions or matmuls (uint8 input, int8 weights), float32 output.
 
     Each call sums products of one activation piece and one weight digit over
     one chunk of input channels; its float32 output is exact below ``2**24``.
     A single call (8-bit words, one chunk) folds the output scale and the bias in.
+    The input is uint8 ``piece + 128`` with zero point 128, or, where it is one
+    piece that is never negative (after a ReLU), the codes with zero point 0,
+    which lets 8-bit weights be one digit also without VNNI.
     """
 
     name = "onednn_int8"
 
     def __init__(self, layer: DotLayer, device: torch.device, exact: bool = True, digit_bits: int | None = None) -> None:
         super().__init__(layer, device)
-        self.digit_bits = digit_bits or onednn_digit_bits()
+        self.digit_bits = _onednn_digits(layer, digit_bits)
+        self.zero_point = 0 if _onednn_unsigned(layer) else 128
         self.shift, self.digits = split_weights(layer.weight, self.digit_bits)
         self.n_pieces = piece_count(layer.act_bits)
-        self.chunks = _onednn_chunks(layer, self.digits) if exact else [slice(None)]
+        self.chunks = _piece_chunks(layer, self.digits) if exact else [slice(None)]
         single = self.n_pieces == 1 and len(self.digits) == 1 and len(self.chunks) == 1 and not self.shift
         self.folded = not layer.raw and single and (not exact or layer.folded_bound() < FLOAT32_EXACT)
         cout = layer.out_channels
@@ -380,7 +406,7 @@ class OneDNNInt8Kernel(Kernel):
             if g.is_linear:
                 return torch.ops.onednn.qlinear_prepack(digit.contiguous(), None)
             return torch.ops.onednn.qconv_prepack(
-                digit.contiguous(memory_format=torch.channels_last), self.scales, 1.0, 128,
+                digit.contiguous(memory_format=torch.channels_last), self.scales, 1.0, self.zero_point,
                 list(g.stride), list(self.padding), list(g.dilation), g.groups, None,
             )
 
@@ -388,16 +414,19 @@ class OneDNNInt8Kernel(Kernel):
     def applies(cls, layer: DotLayer, device: torch.device, digit_bits: int | None = None) -> bool:
         if device.type != "cpu" or not _onednn_available():
             return False
-        _, digits = split_weights(layer.weight, digit_bits or onednn_digit_bits())
-        chunks = _onednn_chunks(layer, digits)
+        _, digits = split_weights(layer.weight, _onednn_digits(layer, digit_bits))
+        chunks = _piece_chunks(layer, digits)
         return chunks is not None and piece_count(layer.act_bits) * len(digits) * len(chunks) <= MAX_CALLS
 
     def _pieces(self, codes: torch.Tensor) -> tuple[list[torch.Tensor], int]:
-        """The activation pieces as the oneDNN inputs: uint8 ``piece + 128`` (zero point 128).
+        """The activation pieces as the oneDNN inputs: uint8 ``piece + 128`` (zero point 128), or the
+        codes themselves (zero point 0).
 
         uint8, also for matmuls that take int8: oneDNN's signed-input matmul
         ran a reference path, 4000 times slower (3 s against 0.8 ms, 32 x 2304 x 4096).
         """
+        if self.zero_point == 0:
+            return [codes.to(torch.uint8)], 0
         g = self.layer.geometry
         if self.padding != g.padding:
             ph, pw = g.padding
@@ -408,10 +437,10 @@ class OneDNNInt8Kernel(Kernel):
         g = self.layer.geometry
         if g.is_linear:
             return torch.ops.onednn.qlinear_pointwise(
-                x, 1.0, 128, packed, self.scales, self.zero_points, self.bias, 1.0, 0, torch.float32, "none", [], ""
+                x, 1.0, self.zero_point, packed, self.scales, self.zero_points, self.bias, 1.0, 0, torch.float32, "none", [], ""
             )
         return torch.ops.onednn.qconv_pointwise(
-            x, 1.0, 128, packed, self.scales, self.zero_points, self.bias,
+            x, 1.0, self.zero_point, packed, self.scales, self.zero_points, self.bias,
             list(g.stride), list(self.padding), list(g.dilation), g.groups, 1.0, 0, torch.float32, "none", [], "",
         )
 
@@ -502,22 +531,24 @@ class Int8MatmulKernel(Kernel):
 
 
 class Float32PiecesKernel(Kernel):
-    """Grouped convolutions with a small window: float32 convolutions of 8-bit pieces, each sum below ``K * 2**14``."""
+    """float32 convolutions or matmuls of 8-bit pieces (activation bytes times signed weight digits), over chunks
+    of input channels whose sums stay below ``2**24``: exact where float64 is slow (4-10x float32 on AVX2)."""
 
     name = "float32_pieces"
 
     def __init__(self, layer: DotLayer, device: torch.device) -> None:
         super().__init__(layer, device)
         self.shift, digits = split_weights(layer.weight)
-        self.digits = [d.to(torch.float32).to(device) for d in digits]
+        self.chunks = _piece_chunks(layer, digits)
+        self.digits = [[_conv_layout(d[:, c].to(torch.float32).to(device)) for c in self.chunks] for d in digits]
         self.row_sums = layer.channel_view((layer.weight - self.shift).reshape(layer.out_channels, -1).sum(1)).to(device)
-        self.calls = piece_count(layer.act_bits) * len(self.digits) + (self.shift != 0)
+        self.calls = piece_count(layer.act_bits) * len(digits) * len(self.chunks) + (self.shift != 0)
 
     @classmethod
     def applies(cls, layer: DotLayer, device: torch.device) -> bool:
-        g = layer.geometry
-        window = layer.weight[0].numel()
-        return device.type == "cpu" and g.groups > 1 and not g.is_linear and window * PIECE * PIECE < FLOAT32_EXACT
+        _, digits = split_weights(layer.weight)
+        chunks = _piece_chunks(layer, digits)
+        return chunks is not None and piece_count(layer.act_bits) * len(digits) * len(chunks) <= MAX_CALLS
 
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
         g = self.layer.geometry
@@ -525,13 +556,15 @@ class Float32PiecesKernel(Kernel):
         if any(g.padding):
             ph, pw = g.padding
             x = F.pad(x, (pw, pw, ph, ph))  # zero codes, split below like any other value
+        unpadded = ConvGeometry(g.stride, (0, 0), g.dilation, g.groups, g.is_linear)
         pieces, offset = byte_pieces(x, self.layer.act_bits, unsigned=False)
         terms, multipliers = [], []
         for i, piece in enumerate(pieces):
             a = piece.to(torch.float32)
-            for j, digit in enumerate(self.digits):
-                terms.append(F.conv2d(a, digit, None, g.stride, 0, g.dilation, g.groups))
-                multipliers.append(256.0 ** (i + j))
+            for j, per_chunk in enumerate(self.digits):
+                for chunk, digit in zip(self.chunks, per_chunk):
+                    terms.append(float_dot(a[:, chunk], digit, unpadded))
+                    multipliers.append(256.0 ** (i + j))
         if self.shift:
             terms.append(self.layer.window_sums(codes))
             multipliers.append(float(self.shift))
@@ -552,7 +585,7 @@ def fast_candidates(layer: DotLayer, device: torch.device) -> list[Kernel]:
     """``arithmetic=fast``: one call without the bound (inexact where partial sums pass ``2**24``)."""
     found: list[Kernel] = [Float32Kernel(layer, device, exact=False)]
     # Only weights of one digit: without VNNI, wider ones would saturate oneDNN's int16 pair sums (not a rounding error).
-    if device.type == "cpu" and _onednn_available() and layer.act_bits <= 8 and len(signed_digits(layer.weight, onednn_digit_bits())) == 1:
+    if device.type == "cpu" and _onednn_available() and layer.act_bits <= 8 and len(signed_digits(layer.weight, _onednn_digits(layer))) == 1:
         found.insert(0, OneDNNInt8Kernel(layer, device, exact=False))
     return found
 

@@ -435,6 +435,8 @@ class QuantizedNetwork(nn.Module):
                 frac_bits = choose_frac_bits(s.act_calibration, stats[key], s.fwd_bits, s.rounding, s.overflow, s.overflow_rate)
                 out_fmt = s.activation_format(frac_bits)
             if isinstance(op, FixedDot):
+                # What lies between the producer and this layer (ReLU, max-pool, flatten, zero padding) keeps codes >= 0.
+                op.input_low_code = modules[producer(inputs[0]).target].clamp_codes()[0]
                 weight_fmts = self._weight_formats(op)
                 acc_frac = in_fmts[0].frac_bits + min(f.frac_bits for f in weight_fmts)
                 op.set_parameter_formats(weight_fmts, self._bias_format(op, acc_frac))

@@ -179,6 +179,7 @@ class FixedDot(FixedOp):
         self.product_fmt: QFormat | None = None
         self.acc_overflows = self.acc_values = 0
         self.product_overflows = self.product_values = 0
+        self.input_low_code = -math.inf  # the lowest code the input register holds (0 after a ReLU); set by the builder
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
@@ -228,6 +229,7 @@ class FixedDot(FixedOp):
             bias_out=bias * 2.0 ** (out_fmt.frac_bits - bias_frac) if bias is not None else torch.zeros(cout, dtype=torch.float64),
             bias_unit=2.0 ** (out_fmt.frac_bits - bias_frac) if bias is not None else None,
             raw=self.acc_fmt is not None,
+            unsigned_input=self.input_low_code >= 0,
         )
         self.layer = layer
         device = self.module.weight.device
