@@ -313,11 +313,15 @@ class FixedDot(FixedOp):
             return self._dot_codes(kernel, codes)
         # A kernel with large temporaries runs on slices of the batch, so that they stay below
         # SCRATCH_BUDGET bytes per output element: peak memory near float32's.
-        parts = [self._dot_codes(kernel, codes[i : i + step]) for i in range(0, len(codes), step)]
-        out = torch.empty((len(codes),) + parts[0].shape[1:], dtype=parts[0].dtype, device=codes.device,
-                          memory_format=torch.channels_last if parts[0].dim() == 4 else torch.contiguous_format)
-        for i, part in zip(range(0, len(codes), step), parts):
+        # Each slice's codes go straight into the output: no second copy of it is held.
+        out = None
+        for i in range(0, len(codes), step):
+            part = self._dot_codes(kernel, codes[i : i + step])
+            if out is None:
+                out = torch.empty((len(codes),) + part.shape[1:], dtype=part.dtype, device=codes.device,
+                                  memory_format=torch.channels_last if part.dim() == 4 else torch.contiguous_format)
             out[i : i + step] = part
+            del part
         return out
 
     def _slice_size(self, kernel: kernels.Kernel, codes: torch.Tensor) -> int:
