@@ -33,10 +33,15 @@ def test_compiled_rounding_equals_eager_and_the_reference(rounding: str, overflo
     fmt = QFormat(9, 0, rounding, overflow)
     for clamp in (None, (0, 40)):  # a ReLU6-like reader: codes 0..40
         compiled = Rounder(fmt, torch.float32, clamp=clamp).round(v.clone())
+        over_v = v.clone()  # written over where it is of the codes' dtype (float32)
+        in_place = Rounder(fmt, torch.float32, clamp=clamp).round(over_v, in_place=True)
+        assert (in_place[0].data_ptr() == over_v.data_ptr()) == (dtype == torch.float32)
         monkeypatch.setattr(fused, "COMPILE_MIN_ELEMENTS", 1 << 40)  # everything eager
         eager = Rounder(fmt, torch.float32, clamp=clamp).round(v.clone())
+        eager_in_place = Rounder(fmt, torch.float32, clamp=clamp).round(v.clone(), in_place=True)
         monkeypatch.undo()
         assert torch.equal(compiled[0], eager[0]) and compiled[1] == eager[1]
+        assert all(torch.equal(c[0], eager[0]) and c[1] == eager[1] for c in (in_place, eager_in_place))
         sample = slice(None, None, 16)  # the reference is slow: every 16th value (all kinds are interleaved)
         expected = np.array([
             ref.overflow_int(ref.round_fraction(ref.Fraction(float(x)), rounding), 9, overflow) for x in v.reshape(-1)[sample].tolist()

@@ -41,6 +41,14 @@ def _round_overflow(v, lo, hi, clamp_lo, clamp_hi, rounding: str, overflow: str,
     return torch.clamp(k, clamp_lo, clamp_hi).to(dtype), overflowed
 
 
+def _round_overflow_into(v, lo, hi, clamp_lo, clamp_hi, rounding: str, overflow: str, total_bits: int, dtype: torch.dtype):
+    """``_round_overflow`` written over ``v`` itself (of the codes' dtype): a register as large as MobileNetV2's
+    early ones (150 MB a batch) then needs no fresh memory, whose first touch costs more than the rounding."""
+    codes, overflowed = _round_overflow(v, lo, hi, clamp_lo, clamp_hi, rounding, overflow, total_bits, dtype)
+    v.copy_(codes)
+    return overflowed
+
+
 def _scale_round_overflow(x, scale, *args):
     """``_round_overflow`` of ``x * scale`` (a power of two: exact)."""
     return _round_overflow(x * scale, *args)
@@ -108,6 +116,7 @@ class _Fused:
 
 
 _ROUND = _Fused(_round_overflow)
+_ROUND_INTO = _Fused(_round_overflow_into)
 _SCALE_ROUND = _Fused(_scale_round_overflow)
 _ADD_ROUND = _Fused(_add_round_overflow)
 _PIECES = _Fused(_byte_pieces)
@@ -139,10 +148,16 @@ class Rounder:
             self._cast[key] = tuple(self.bounds.to(like.device, like.dtype).unbind())
         return self._cast[key]
 
-    def round(self, v: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Codes of ``v`` (real value times ``2**F``, exact) and the number of values that overflowed."""
+    def round(self, v: torch.Tensor, in_place: bool = False) -> tuple[torch.Tensor, int]:
+        """Codes of ``v`` (real value times ``2**F``, exact) and the number of values that overflowed.
+
+        ``in_place``: ``v`` is a temporary that nothing else reads; where it has the codes' dtype, the
+        codes are written over it.
+        """
         if self.fmt.rounding == "stochastic":
             return self._stochastic(v)
+        if in_place and v.dtype == self.dtype:
+            return v, int(_ROUND_INTO(v, *self._bounds(v), *self.args))
         codes, overflowed = _ROUND(v, *self._bounds(v), *self.args)
         return codes, int(overflowed)
 

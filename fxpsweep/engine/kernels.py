@@ -547,8 +547,11 @@ class Float32PiecesKernel(Kernel):
     @classmethod
     def applies(cls, layer: DotLayer, device: torch.device) -> bool:
         _, digits = split_weights(layer.weight)
+        pieces = piece_count(layer.act_bits) * len(digits)
+        if pieces == 1:
+            return False  # one piece each side: the float32 kernel itself
         chunks = _piece_chunks(layer, digits)
-        return chunks is not None and piece_count(layer.act_bits) * len(digits) * len(chunks) <= MAX_CALLS
+        return chunks is not None and pieces * len(chunks) <= MAX_CALLS
 
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
         g = self.layer.geometry

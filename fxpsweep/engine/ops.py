@@ -109,9 +109,10 @@ class FixedOp(nn.Module):
         self.values += codes.numel()
         return codes
 
-    def emit(self, v: torch.Tensor) -> torch.Tensor:
-        """Round ``v`` (output value times ``2**F_out``, exact) into the output format, counting overflows."""
-        return self.count(*self.rounder.round(v))
+    def emit(self, v: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """Round ``v`` (output value times ``2**F_out``, exact) into the output format, counting overflows;
+        ``in_place``: over ``v`` where it has the codes' dtype (a temporary nothing else reads)."""
+        return self.count(*self.rounder.round(v, in_place))
 
     def extra_formats(self) -> list[tuple[str, QFormat | None, int | None, int | None]]:
         """(kind, format, overflows, values) of this operation's parameters and internal registers."""
@@ -340,7 +341,7 @@ class FixedDot(FixedOp):
             self.acc_overflows += int(torch.count_nonzero((v < self.acc_fmt.min_code) | (v > self.acc_fmt.max_code)))
             self.acc_values += v.numel()
             v = self.layer.output(apply_overflow(v, self.acc_fmt.total_bits, self.acc_fmt.overflow))
-        return self.emit(v)
+        return self.emit(v, in_place=True)  # the kernel's output is a new tensor
 
     def reset_counts(self) -> None:
         super().reset_counts()
@@ -420,6 +421,12 @@ class FixedAvgPool(FixedOp):
     def _sums_and_divisors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.output_size is not None:
             out_h, out_w = F.adaptive_avg_pool2d(x[:1, :1], self.output_size).shape[-2:]
+            (h, w) = x.shape[-2:]
+            if h % out_h == 0 and w % out_w == 0:
+                # Equal windows side by side (a global average pool): a plain window sum, far cheaper than the einsum.
+                window = (h // out_h, w // out_w)
+                sums = F.avg_pool2d(x, window, window, divisor_override=1)  # integers below 2**53: exact
+                return sums, torch.full_like(sums[0, 0], float(window[0] * window[1]))
             rows = _adaptive_windows(x.shape[-2], out_h).to(x.device)
             cols = _adaptive_windows(x.shape[-1], out_w).to(x.device)
             sums = torch.einsum("ih,nchw,jw->ncij", rows, x, cols)  # integers below 2**53: exact
