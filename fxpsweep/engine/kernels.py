@@ -282,7 +282,11 @@ class Float64Kernel(Kernel):
 
     @property
     def scratch(self) -> float:
-        return 16.0  # the input and the output in float64
+        # The input and the output in float64, and for a convolution PyTorch's float64 path (no oneDNN)
+        # unfolds the input: K * groups float64 values per output position, over Cout outputs.
+        layer = self.layer
+        im2col = 0.0 if layer.geometry.is_linear else 8.0 * layer.weight[0].numel() * layer.geometry.groups / layer.out_channels
+        return 16.0 + im2col
 
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
         return float_dot(codes.double(), self.weight, self.layer.geometry, self.bias)
