@@ -41,7 +41,11 @@ def run_one(cfg: DictConfig, folder: Path) -> dict[str, Any]:
 def precision_file(cfg: DictConfig, answer: dict[str, Any]) -> str:
     """The answer as a precision option: the uniform width and the rules that narrow registers from it."""
     h = answer["holdout"]
-    body = {"bits": answer["uniform_width"], "precision": {"name": cfg.search.name, "rules": answer["rules"]}}
+    body = {
+        "bits": answer["uniform_width"],
+        "calibration": {"weight_rounding": cfg.calibration.weight_rounding},  # the codes the answer was judged with
+        "precision": {"name": cfg.search.name, "rules": answer["rules"]},
+    }
     return (
         f"# @package _global_\n"
         f"# Found by python -m fxpsweep.search for {cfg.model.name} on {cfg.dataset.name}, tolerance {answer['tolerance']} "
@@ -59,7 +63,7 @@ def main(cfg: DictConfig) -> None:
         check_config(cfg)
         if cfg.precision.rules or cfg.probe is not None:
             raise ConfigError("precision.rules and probe are what the search chooses; leave them out")
-        settings = SearchSettings(s.tolerance, s.margin, list(s.widths), s.cost, s.probe_images, list(s.holdout_widths))
+        settings = SearchSettings(s.tolerance, s.margin, list(s.widths), s.cost, s.probe_images, list(s.holdout_widths), s.polish_evaluations)
         answer = search(cfg, settings, Path(s.out), run_one)
     out = Path(s.out)
     path = out / "precision" / f"{cfg.search.name}.yaml"

@@ -30,6 +30,7 @@ BAD_VALUES: dict[str, list[tuple[str, str]]] = {
         ("calibration.granularity=row", "calibration.granularity='row' is unknown; allowed: tensor, channel"),
         ("calibration.overflow_rate=1.5", "calibration.overflow_rate=1.5 must be a fraction in [0, 1)"),
         ("calibration.bias_correction=sometimes", "calibration.bias_correction='sometimes' must be true or false"),
+        ("calibration.weight_rounding=adaround", "calibration.weight_rounding='adaround' is unknown; allowed: plain, gptq"),
     ],
     "n_samples": [("n_samples=0", "n_samples=0 must be a positive integer")],
     "eval_limit": [("eval_limit=-5", "eval_limit=-5 must be a positive integer, or null")],

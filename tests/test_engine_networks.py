@@ -40,10 +40,8 @@ def register_codes(op, inputs: list[np.ndarray], float_input: np.ndarray) -> np.
     if isinstance(op, FixedDot):
         a_fmt = op.in_fmts[0]
         bf = op.bias_fmt
-        weight = op.module.weight.detach().cpu().numpy()
-        w = np.stack([
-            ref.quantize_array(weight[c], f.total_bits, f.frac_bits, f.rounding, f.overflow) for c, f in enumerate(op.weight_fmts)
-        ])
+        # GPTQ's codes are the datapath's input, like the float weights; else each weight rounded in its format.
+        w = rounded_weights(op) if op.chosen_weight_codes is None else op.chosen_weight_codes.numpy().astype(np.int64)
         x = inputs[0]
         if op.geometry.is_linear:
             acc = ref.conv2d_exact(x[:, :, None, None], w[:, :, None, None], 1, 0, 1, 1)[:, :, 0, 0]
@@ -96,6 +94,27 @@ def test_mixed_precision_network_is_bit_identical_to_an_integer_rerun(arch: str,
     check_every_layer(net, f"{arch} mixed", device)
     widths = {op.out_fmt.total_bits for op in net.ops}
     assert len(widths) >= 3  # several word lengths in one network
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_gptq_network_is_bit_identical_to_an_integer_rerun(arch: str, device) -> None:
+    settings = QuantSettings(param_bits=5, fwd_bits=8, weight_rounding="gptq")
+    net = QuantizedNetwork(random_network(arch), settings).to(device)
+    check_every_layer(net, f"{arch} gptq", device)
+    dots = [op for op in net.ops if isinstance(op, FixedDot)]
+    assert all(op.chosen_weight_codes is not None for op in dots)
+    for op in dots:  # every code in its word
+        assert op.chosen_weight_codes.abs().max() <= 2 ** (settings.param_bits - 1)
+    moved = [op.name for op in dots if not np.array_equal(op.chosen_weight_codes.numpy(), rounded_weights(op))]
+    assert len(moved) == len(dots)  # GPTQ moved codes off nearest rounding in every layer
+
+
+def rounded_weights(op) -> np.ndarray:
+    """``op``'s float weights, each rounded in its output channel's format (int64 codes)."""
+    weight = op.module.weight.detach().cpu().numpy()
+    return np.stack([
+        ref.quantize_array(weight[c], f.total_bits, f.frac_bits, f.rounding, f.overflow) for c, f in enumerate(op.weight_fmts)
+    ])
 
 
 def check_every_layer(net: QuantizedNetwork, label: str, device) -> None:

@@ -67,6 +67,13 @@ def test_a_mixed_precision_assignment_replays(tmp_path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_gptq_codes_are_what_the_vectors_carry_and_replay(tmp_path) -> None:
+    out, manifest = exported(tmp_path, "mobilenet_v2", QuantSettings(5, 8, weight_rounding="gptq"))
+    proc = replay(out)
+    n = len(manifest["operations"])
+    assert proc.returncode == 0 and proc.stdout.strip() == f"{n}/{n} operations match", proc.stdout + proc.stderr
+
+
 def test_a_flipped_code_is_caught_and_named(tmp_path) -> None:
     out, manifest = exported(tmp_path, "resnet18", QuantSettings(8, 8), size=32)
     op = next(o for o in manifest["operations"] if o["name"] == "layer2.0.conv1")

@@ -97,6 +97,7 @@ def test_a_killed_search_resumes_without_redoing_finished_evaluations(tmp_path, 
         (["search.margin=2"], "search.margin=2 must be a number from 0 to below search.tolerance"),
         (['precision.rules=["features.0 weight=4"]'], "precision.rules and probe are what the search chooses; leave them out"),
         (["search.probe_images=0"], "search.probe_images=0 must be a positive number of images"),
+        (["search.polish_evaluations=-1"], "search.polish_evaluations=-1 must be a whole number >= 0"),
     ],
 )
 def test_bad_search_settings_are_one_line_errors(args, message, tmp_path, cache_dir) -> None:

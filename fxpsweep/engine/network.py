@@ -16,8 +16,9 @@ what the ReLU passes: with saturation, a negative value that overflows still
 becomes exactly 0, so only the positive range needs holding); ``calibrate``
 turns them into formats:
 activations get ``fwd_bits`` and weights ``param_bits``, each with the F its
-calibration method picks (see ``calibration``); then, by default, every bias
-is corrected for the mean error of its layer's output (``_BiasCorrection``). Operations the builder does
+calibration method picks (see ``calibration``); then, optionally, weight codes
+are chosen by GPTQ, and, by default, every bias is corrected for the mean
+error of its layer's output (``_LayerByLayer``). Operations the builder does
 not know raise an error rather than silently run in float.
 """
 
@@ -46,6 +47,7 @@ from fxpsweep.engine.calibration import (
     max_abs,
 )
 from fxpsweep.engine.fixedpoint import QFormat
+from fxpsweep.engine.gptq import gptq_codes, input_hessian
 from fxpsweep.engine.kernel_choice import KernelChooser
 from fxpsweep.engine.ops import (
     Dequantize,
@@ -303,20 +305,22 @@ class QuantizedNetwork(nn.Module):
     def calibrate(self, batches: Iterable[torch.Tensor], stats: dict[str, TensorStats] | None = None) -> None:
         """Fix every format from ``stats`` (see ``observe``; gathered from ``batches`` when None).
 
-        With ``settings.bias_correction`` the calibration batches, joined into
-        one, then run once through the fixed-point network, and every
-        conv/linear bias is corrected on the way (see ``_BiasCorrection``).
+        With ``settings.weight_rounding == "gptq"`` or ``settings.bias_correction``
+        the calibration batches, joined into one, then run once through the
+        fixed-point network, and every conv/linear gets its GPTQ weight codes
+        and its corrected bias on the way (see ``_LayerByLayer``).
         """
         if self.calibrated:
             raise RuntimeError("a QuantizedNetwork is calibrated once; build a new one for new images")
         batches = list(batches)
         if stats is None:
             stats = self.observe(batches, self.settings.seed)
-        images = torch.cat(batches) if self.settings.bias_correction and batches else None
-        float_means = self._dot_output_means(images) if images is not None else None
+        s = self.settings
+        images = torch.cat(batches) if (s.bias_correction or s.weight_rounding == "gptq") and batches else None
+        float_means = self._dot_output_means(images) if images is not None and s.bias_correction else None
         self._finalize(stats)
-        if float_means is not None:
-            _BiasCorrection(self, float_means).run(images)
+        if images is not None:
+            _LayerByLayer(self, s.weight_rounding == "gptq", float_means).run(images)
             for op in self.ops:
                 op.reset_counts()  # overflow counts are "since calibration"
         self.calibrated = True
@@ -476,32 +480,48 @@ def output_means(op: FixedOp, out: torch.Tensor) -> torch.Tensor:
     return values.transpose(0, 1).reshape(values.shape[1], -1).mean(1)
 
 
-class _BiasCorrection(torch.fx.Interpreter):
-    """Empirical bias correction (Nagel et al. 2019, "Data-Free Quantization", section 4.2).
+class _LayerByLayer(torch.fx.Interpreter):
+    """One run of the fixed-point network on the calibration images that fixes, in graph order,
+    each conv/linear's GPTQ weight codes and its bias correction.
 
-    Rounding weights shifts the mean of a layer's output (the rounding errors
-    of a channel's weights need not cancel), and later layers add shifts of
-    their own. One run of the fixed-point network on the calibration images,
-    in graph order: each conv/linear, when reached, subtracts from its float
-    bias the mean error of its output per channel against the float network's,
-    is rounded again and rerun, so every later layer sees and corrects from
-    already corrected inputs. Layers without a bias are left as they are.
+    GPTQ (``gptq``) sees each layer's real input: the codes the layers before
+    it, already finished, produce. Bias correction (Nagel et al. 2019,
+    "Data-Free Quantization", section 4.2): rounding weights shifts the mean
+    of a layer's output (the rounding errors of a channel's weights need not
+    cancel), and later layers add shifts of their own; each layer, when
+    reached, subtracts from its float bias the mean error of its output per
+    channel against the float network's (``float_means``; None: no
+    correction), is rounded again and rerun, so every later layer sees and
+    corrects from already corrected inputs. Layers without a bias keep it.
     """
 
-    def __init__(self, network: QuantizedNetwork, float_means: dict[str, torch.Tensor]) -> None:
+    def __init__(self, network: QuantizedNetwork, gptq: bool, float_means: dict[str, torch.Tensor] | None) -> None:
         super().__init__(network.graph_module)
         self.network = network
+        self.gptq = gptq
         self.float_means = float_means
 
-    def call_module(self, target, args, kwargs):
-        out = super().call_module(target, args, kwargs)
-        op = self.fetch_attr(target)
-        if not isinstance(op, FixedDot) or op.module.bias is None or op.name not in self.float_means:
-            return out
-        error = output_means(op, out) - self.float_means[op.name]
-        op.module.bias -= error.to(op.module.bias)
-        # The bias changed: its format (max rule) may too; the kernel is rebuilt for the new codes.
+    def _refinalize(self, op: FixedDot) -> None:
+        """Rebuild ``op``'s kernel for new weight codes or bias (the bias format, max rule, may change too)."""
         acc_frac = op.in_fmts[0].frac_bits + min(f.frac_bits for f in op.weight_fmts)
         op.set_parameter_formats(op.weight_fmts, self.network._bias_format(op, acc_frac))
         op.finalize(op.out_fmt, op.in_fmts, self.network.settings_for(op), self.network.ops.index(op))
+
+    def call_module(self, target, args, kwargs):
+        op = self.fetch_attr(target)
+        if not isinstance(op, FixedDot):
+            return super().call_module(target, args, kwargs)
+        if self.gptq:
+            kernel_size = (1, 1) if op.geometry.is_linear else op.module.kernel_size
+            fmt = op.weight_fmts[0]
+            frac_bits = torch.tensor([f.frac_bits for f in op.weight_fmts])
+            hessian = input_hessian(args[0].cpu(), op.geometry, kernel_size)
+            op.chosen_weight_codes = gptq_codes(op.module.weight.cpu(), hessian, frac_bits, fmt.total_bits, fmt.rounding)
+            self._refinalize(op)
+        out = super().call_module(target, args, kwargs)
+        if self.float_means is None or op.module.bias is None or op.name not in self.float_means:
+            return out
+        error = output_means(op, out) - self.float_means[op.name]
+        op.module.bias -= error.to(op.module.bias)
+        self._refinalize(op)
         return super().call_module(target, args, kwargs)

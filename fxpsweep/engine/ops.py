@@ -181,6 +181,7 @@ class FixedDot(FixedOp):
         self.acc_overflows = self.acc_values = 0
         self.product_overflows = self.product_values = 0
         self.input_low_code = -math.inf  # the lowest code the input register holds (0 after a ReLU); set by the builder
+        self.chosen_weight_codes: torch.Tensor | None = None  # set by calibration with weight_rounding=gptq
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
@@ -190,7 +191,10 @@ class FixedDot(FixedOp):
         self.weight_fmts, self.bias_fmt = weight_fmts, bias_fmt
 
     def weight_codes(self) -> torch.Tensor:
-        """The integer weight codes (float64, the module's weight shape), each channel in its format."""
+        """The integer weight codes (float64, the module's weight shape), each channel in its format:
+        those calibration chose (``chosen_weight_codes``, GPTQ), else each weight rounded by the format's rule."""
+        if self.chosen_weight_codes is not None:
+            return self.chosen_weight_codes
         weight = self.module.weight.detach().cpu()
         return torch.stack(
             [quantize_codes(weight[c], f.total_bits, f.frac_bits, f.rounding, f.overflow) for c, f in enumerate(self.weight_fmts)]

@@ -16,6 +16,7 @@ from fxpsweep.errors import ConfigError
 
 ARITHMETIC_MODES = ("exact", "fast")
 BATCHNORM_MODES = ("fold", "keep")
+WEIGHT_ROUNDINGS = ("plain", "gptq")
 
 
 def _check_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -43,7 +44,10 @@ class QuantSettings:
     (``weight_granularity``); ``overflow_rate``: the fraction the
     ``overflow_rate`` method lets saturate. ``bias_correction``: shift every
     conv/linear bias by the mean error of its output on the calibration images
-    (see ``QuantizedNetwork.calibrate``). ``seed``: seeds stochastic rounding.
+    (see ``QuantizedNetwork.calibrate``). ``weight_rounding``: ``plain`` (each
+    weight rounded to its nearest code by ``rounding``) or ``gptq`` (codes
+    chosen layer by layer to keep the output on the calibration images, see
+    ``gptq``). ``seed``: seeds stochastic rounding.
     """
 
     param_bits: int
@@ -62,6 +66,7 @@ class QuantSettings:
     weight_granularity: str = "channel"
     overflow_rate: float = 0.0
     bias_correction: bool = True
+    weight_rounding: str = "plain"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -85,6 +90,7 @@ class QuantSettings:
             raise ConfigError(f"calibration.overflow_rate={self.overflow_rate!r} must be a fraction in [0, 1)")
         if not isinstance(self.bias_correction, bool):
             raise ConfigError(f"calibration.bias_correction={self.bias_correction!r} must be true or false")
+        _check_choice("calibration.weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
 
     def activation_format(self, frac_bits: int) -> QFormat:
         return QFormat(self.fwd_bits, frac_bits, self.rounding, self.overflow)

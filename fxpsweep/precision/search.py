@@ -18,14 +18,19 @@ search's, so a killed search resumes from its finished evaluations.
    the most cost per unit of noise while the summed noise stays within ``B``.
    Each allocation is evaluated on the whole search half; ``B`` doubles from
    a small start until an allocation misses the target, then is bisected
-   between the last pass and the first miss. The cheapest passing allocation
-   is the answer.
-4. The answer and every uniform width of ``holdout_widths`` are evaluated on
+   between the last pass and the first miss.
+4. Polish: from the cheapest passing allocation, narrow one knob by one
+   probed width at a time, the best cost per noise first, each on the whole
+   search half, keeping what passes by the margin once more (a kept step
+   is picked among many tried on the same images), until a round keeps
+   nothing or ``polish_evaluations`` ran. The summed noise is a model of how layers
+   interact; this step asks the search images instead. Its result is the answer.
+5. The answer and every uniform width of ``holdout_widths`` are evaluated on
    the holdout images; the report compares the answer with the cheapest
    uniform width that meets the tolerance there.
 
 Exhaustive search would evaluate ``len(widths) ** knobs`` assignments; this
-needs about ``len(widths) + knobs * (widths below u) + 10``.
+needs about ``len(widths) + knobs * (widths below u) + 10 + polish_evaluations``.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ RESULT_FILE = "search.json"
 class Evaluation:
     """One network evaluation of the search: what ran, on which images, what it scored and cost."""
 
-    phase: str  # uniform | probe | allocation | holdout
+    phase: str  # uniform | probe | allocation | polish | holdout
     bits: int
     rules: list[str]
     split: str
@@ -85,6 +90,7 @@ class SearchSettings:
     cost: str
     probe_images: int
     holdout_widths: list[int] = field(default_factory=list)
+    polish_evaluations: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) or self.tolerance <= 0:
@@ -99,6 +105,8 @@ class SearchSettings:
             raise ConfigError(f"search.cost={self.cost!r} is unknown; allowed: {', '.join(COSTS)}")
         if isinstance(self.probe_images, bool) or not isinstance(self.probe_images, int) or self.probe_images < 1:
             raise ConfigError(f"search.probe_images={self.probe_images!r} must be a positive number of images")
+        if isinstance(self.polish_evaluations, bool) or not isinstance(self.polish_evaluations, int) or self.polish_evaluations < 0:
+            raise ConfigError(f"search.polish_evaluations={self.polish_evaluations!r} must be a whole number >= 0")
         self.widths = sorted(set(self.widths))
         self.holdout_widths = sorted(set(self.holdout_widths))
 
@@ -113,6 +121,7 @@ class Evaluator:
     def __call__(self, phase: str, bits: int, rules: list[str], split: str, limit: int | None = None) -> Evaluation:
         cfg = self.base.copy()
         with open_dict(cfg):
+            cfg.pop("search", None)  # how the search runs is no part of a job: a new search setting keeps its finished jobs
             cfg.bits, cfg.eval_split, cfg.eval_limit = bits, split, limit
             cfg.precision.rules = list(rules)
             cfg.report_images = limit or cfg.report_images
@@ -138,6 +147,24 @@ def rules_for(assignment: dict[str, int], uniform: int, key: str) -> list[str]:
     return [str(Rule(name, ((key, bits),))) for name, bits in sorted(assignment.items()) if bits != uniform]
 
 
+def narrowings(
+    knobs: dict[str, dict[int, float]], assignment: dict[str, int], price: Callable[[dict[str, int]], float]
+) -> list[tuple[str, int, float]]:
+    """Each knob's next narrower probed width from ``assignment``, as ``(knob, width, cost saved per noise added)``,
+    the best first; only narrowings that save cost."""
+    steps = []
+    for name, by_width in knobs.items():
+        narrower = [w for w in by_width if w < assignment[name]]
+        if not narrower:
+            continue
+        w = max(narrower)
+        saved = price(assignment) - price({**assignment, name: w})
+        if saved > 0:
+            added = by_width[w] - by_width.get(assignment[name], 0.0)
+            steps.append((name, w, saved / max(added, 1e-12)))
+    return sorted(steps, key=lambda step: -step[2])
+
+
 def allocate(
     knobs: dict[str, dict[int, float]], uniform: int, budget: float, price: Callable[[dict[str, int]], float]
 ) -> dict[str, int]:
@@ -147,21 +174,14 @@ def allocate(
     noise = 0.0
     while True:
         best = None
-        for name, by_width in knobs.items():
-            narrower = [w for w in by_width if w < assignment[name]]
-            if not narrower:
-                continue
-            w = max(narrower)
-            added = by_width[w] - by_width.get(assignment[name], 0.0)
-            if noise + added > budget:
-                continue
-            saved = price(assignment) - price({**assignment, name: w})
-            score = saved / max(added, 1e-12)
-            if saved > 0 and (best is None or score > best[0]):
-                best = (score, name, w, added)
+        for name, w, score in narrowings(knobs, assignment, price):
+            added = knobs[name][w] - knobs[name].get(assignment[name], 0.0)
+            if noise + added <= budget:
+                best = (name, w, added)
+                break
         if best is None:
             return assignment
-        _, name, w, added = best
+        name, w, added = best
         assignment[name] = w
         noise += added
 
@@ -235,9 +255,29 @@ def search(base: DictConfig, settings: SearchSettings, out: Path, run: Callable[
         best_assignment, best = min(passed, key=lambda p: getattr(p[1], key))
     else:
         best_assignment, best = {k: u for k in knobs}, uniform[u]
+
+    # 4. Polish: the summed noise is a model; what the search half says decides. From the cheapest
+    # passing assignment, narrow one knob at a time by one probed width, best cost per noise first,
+    # keeping each narrowing that still passes, until a round keeps none or the evaluations run out.
+    # Each kept step is one more pick among many tried on the same images (it passes partly by luck):
+    # a step must pass by the margin once more.
+    polish_target = target + settings.margin
+    polished = 0
+    improved = True
+    while improved and polished < settings.polish_evaluations:
+        improved = False
+        for name, w, _score in narrowings(knobs, best_assignment, price):
+            if polished >= settings.polish_evaluations:
+                break
+            trial = {**best_assignment, name: w}
+            result = evaluate("polish", u, as_rules(trial), "search")
+            polished += 1
+            if result.top1 >= polish_target:
+                best_assignment, best, improved = trial, result, True
+                break
     chosen = as_rules(best_assignment)
 
-    # 4. Judged on the holdout images, beside every uniform width.
+    # 5. Judged on the holdout images, beside every uniform width.
     final = evaluate("holdout", u, chosen, "holdout")
     holdout_uniform = {w: evaluate("holdout", w, [], "holdout") for w in settings.holdout_widths}
     holdout_float = final.float_top1
@@ -253,6 +293,6 @@ def search(base: DictConfig, settings: SearchSettings, out: Path, run: Callable[
             "cheapest_uniform": cheapest,
             "uniform": {w: {"top1": e.top1, "weight_kib": e.weight_kib, "bitops": e.bitops} for w, e in holdout_uniform.items()},
         },
-        "evaluations": len(evaluate.trace), "evaluations_run_now": computed,
+        "polish_evaluations": polished, "evaluations": len(evaluate.trace), "evaluations_run_now": computed,
         "knobs": len(knobs), "exhaustive_assignments": len(settings.widths) ** len(knobs),
     }

@@ -30,8 +30,8 @@ COST_COLUMNS = {"weight_kib": "weight KiB", "activation_kib": "largest activatio
 # Datapath and calibration settings: where a sweep varies one, the table gets a row per value.
 SETTINGS = [
     "bias_bits", "rounding", "overflow", "arithmetic", "acc_bits", "acc_overflow", "product_bits", "batchnorm",
-    "act_calibration", "weight_calibration", "weight_granularity", "overflow_rate", "bias_correction", "eval_subset",
-    "eval_split", "n_samples", "seed", "precision",
+    "act_calibration", "weight_calibration", "weight_granularity", "overflow_rate", "bias_correction", "weight_rounding",
+    "eval_subset", "eval_split", "n_samples", "seed", "precision",
 ]
 # What makes two results the same configuration (the later one replaces the earlier).
 CONFIG_KEYS = ["model", "dataset", "param_bits", "fwd_bits", "eval_limit", *SETTINGS]

@@ -61,6 +61,7 @@ def quant_settings(cfg: DictConfig) -> QuantSettings:
         weight_granularity=cfg.calibration.granularity,
         overflow_rate=cfg.calibration.overflow_rate,
         bias_correction=cfg.calibration.bias_correction,
+        weight_rounding=cfg.calibration.weight_rounding,
         seed=cfg.seed,
     )
 
@@ -87,6 +88,7 @@ def job_identity(cfg: DictConfig) -> dict[str, Any]:
         "weight_granularity": cfg.calibration.granularity,
         "overflow_rate": cfg.calibration.overflow_rate,
         "bias_correction": cfg.calibration.bias_correction,
+        "weight_rounding": cfg.calibration.weight_rounding,
         "precision": precision_label(cfg),
         "precision_rules": rule_texts(cfg),
         "n_samples": cfg.n_samples,
