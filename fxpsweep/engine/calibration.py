@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxpsweep.engine.fixedpoint import quantize
+from fxpsweep.engine.fixedpoint import quantize, reproducible
 from fxpsweep.errors import ConfigError
 
 METHODS = ("max", "overflow_rate", "mse")
@@ -80,7 +80,7 @@ def frac_bits_for_mse(values: torch.Tensor, max_abs_seen: float, total_bits: int
     x = values.double()
     errors = []
     for frac_bits in range(start, start + MSE_SEARCH + 1):
-        q = quantize(x, total_bits, frac_bits, "nearest_even" if rounding == "stochastic" else rounding, overflow)
+        q = quantize(x, total_bits, frac_bits, reproducible(rounding), overflow)
         errors.append((float(((x - q) ** 2).sum()), frac_bits))
     return min(errors)[1]  # the coarsest F among equal errors: ties favour range
 
@@ -116,7 +116,7 @@ def frac_bits_per_row(
     for i, (start, m) in enumerate(zip(starts, maxes)):
         if m > 0.0:
             groups.setdefault(start, []).append(i)
-    mode = "nearest_even" if rounding == "stochastic" else rounding
+    mode = reproducible(rounding)
     for start, members in groups.items():
         x = rows[members].double()
         candidates = range(start, start + MSE_SEARCH + 1)

@@ -112,6 +112,12 @@ def round_to_integer(v: torch.Tensor, rounding: str, generator: torch.Generator 
     raise ConfigError(f"rounding={rounding!r} is unknown; allowed: {', '.join(ROUNDING_MODES)}")
 
 
+def reproducible(rounding: str) -> str:
+    """``rounding`` for a choice that must come out the same every time (formats, weight codes):
+    ``stochastic`` as ``nearest_even``, every other mode as it is."""
+    return "nearest_even" if rounding == "stochastic" else rounding
+
+
 def apply_overflow(k: torch.Tensor, total_bits: int, overflow: str) -> torch.Tensor:
     """Bring integer-valued float codes into ``[-2**(W-1), 2**(W-1)-1]``.
 

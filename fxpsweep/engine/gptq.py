@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fxpsweep.engine.fixedpoint import round_to_integer
+from fxpsweep.engine.fixedpoint import apply_overflow, reproducible, round_to_integer
 from fxpsweep.engine.kernels import ConvGeometry
 
 # Added to H's diagonal, as a fraction of its mean: keeps H invertible where
@@ -64,8 +64,7 @@ def gptq_codes(
     cout = weight.shape[0]
     w = weight.detach().double().reshape(groups, cout // groups, k_len).clone()
     scale = torch.pow(2.0, frac_bits.double()).reshape(groups, cout // groups, 1)
-    lo, hi = -(2.0 ** (total_bits - 1)), 2.0 ** (total_bits - 1) - 1
-    mode = "nearest_even" if rounding == "stochastic" else rounding
+    mode = reproducible(rounding)
 
     h = hessian.double().clone()
     diag = h.diagonal(dim1=1, dim2=2)
@@ -81,7 +80,7 @@ def gptq_codes(
         errors = torch.empty_like(block)
         for k in range(b1 - b0):
             column = block[:, :, k]
-            c = round_to_integer(column * scale[:, :, 0], mode).clamp(lo, hi)
+            c = apply_overflow(round_to_integer(column * scale[:, :, 0], mode), total_bits, "saturate")
             codes[:, :, b0 + k] = c
             error = (column - c / scale[:, :, 0]) / u[:, b0 + k, b0 + k, None]
             block[:, :, k:] -= error[:, :, None] * u[:, None, b0 + k, b0 + k : b1]
