@@ -39,10 +39,12 @@ def run_one(cfg: DictConfig, folder: Path) -> dict[str, Any]:
 
 
 def precision_file(cfg: DictConfig, answer: dict[str, Any]) -> str:
-    """The answer as a precision option: the uniform width and the rules that narrow registers from it."""
+    """The answer as a precision option: the uniform width (and activation width, where the search fixed it) and the
+    rules that narrow registers from it."""
     h = answer["holdout"]
     body = {
         "bits": answer["uniform_width"],
+        **({"fwd_bits": answer["activation_bits"]} if answer["activation_bits"] is not None else {}),
         "calibration": {"weight_rounding": cfg.calibration.weight_rounding},  # the codes the answer was judged with
         "precision": {"name": cfg.search.name, "rules": answer["rules"]},
     }
@@ -63,7 +65,9 @@ def main(cfg: DictConfig) -> None:
         check_config(cfg)
         if cfg.precision.rules or cfg.probe is not None:
             raise ConfigError("precision.rules and probe are what the search chooses; leave them out")
-        settings = SearchSettings(s.tolerance, s.margin, list(s.widths), s.cost, s.probe_images, list(s.holdout_widths), s.polish_evaluations)
+        settings = SearchSettings(
+            s.tolerance, s.confidence, list(s.widths), s.cost, s.probe_images, list(s.holdout_widths), s.polish_evaluations, s.activation_bits
+        )
         answer = search(cfg, settings, Path(s.out), run_one)
     out = Path(s.out)
     path = out / "precision" / f"{cfg.search.name}.yaml"

@@ -54,7 +54,7 @@ def test_choices_are_made_on_search_images_and_judged_on_others(searched) -> Non
     assert {e["split"] for e in trace if e["phase"] != "holdout"} == {"search"}
     assert {e["split"] for e in trace if e["phase"] == "holdout"} == {"holdout"}
     jobs = [json.loads(p.read_text()) for p in (out / "jobs").glob("*/result.json")]
-    distinct = {(e["bits"], tuple(e["rules"]), e["split"], e["images"]) for e in trace}  # a repeated assignment runs once
+    distinct = {(e["bits"], e["activation_bits"], tuple(e["rules"]), e["split"], e["images"]) for e in trace}  # a repeated assignment runs once
     assert len(jobs) == len(distinct) and {j["eval_split"] for j in jobs} == {"search", "holdout"}
 
 
@@ -69,9 +69,9 @@ def test_run_py_runs_the_precision_file_unchanged(searched, run_app, tmp_path) -
     assert result["quant_top1"] == answer["holdout"]["top1"] and result["weight_kib"] == answer["holdout"]["weight_kib"]
 
 
-def test_a_killed_search_resumes_without_redoing_finished_evaluations(tmp_path, cache_dir) -> None:
+def test_a_killed_search_resumes_without_redoing_finished_evaluations(tmp_path, cache_dir, run_app) -> None:
     out = tmp_path / "search"
-    proc = search(out, cache_dir)
+    proc = search(out, cache_dir, "search.activation_bits=8")  # activations fixed, weights searched
     deadline = time.time() + 600
     while time.time() < deadline and (not (out / "trace.json").exists() or len(json.loads((out / "trace.json").read_text())) < 5):
         time.sleep(0.2)
@@ -79,13 +79,21 @@ def test_a_killed_search_resumes_without_redoing_finished_evaluations(tmp_path, 
     proc.wait()
     done = {p.parent.name: p.stat().st_mtime_ns for p in (out / "jobs").glob("*/result.json")}
     assert len(done) >= 5
-    again = search(out, cache_dir)
+    again = search(out, cache_dir, "search.activation_bits=8")
     stdout, stderr = again.communicate(timeout=1200)
     assert again.returncode == 0, stderr[-3000:]
     answer = json.loads((out / "search.json").read_text())
     jobs = list((out / "jobs").glob("*/result.json"))
     assert answer["evaluations_run_now"] == len(jobs) - len(done)  # each finished evaluation ran once, in the first run
     assert all((out / "jobs" / name / "result.json").stat().st_mtime_ns == stamp for name, stamp in done.items())
+    # Every evaluation but the uniform widths it is judged beside keeps activations at 8; so does its precision file.
+    results = [json.loads(p.read_text()) for p in jobs]
+    assert {r["fwd_bits"] for r in results if r["eval_split"] == "search" or r["precision_rules"]} == {8}
+    (name,) = [p.stem for p in (out / "precision").glob("*.yaml")]
+    rerun = run_app("--config-dir", str(out), f"precision={name}", "eval_split=holdout", "report_images=0", f"hydra.run.dir={tmp_path / 'rerun'}")
+    assert rerun.returncode == 0, rerun.stderr
+    result = json.loads((tmp_path / "rerun" / "result.json").read_text())
+    assert result["fwd_bits"] == 8 and result["quant_top1"] == answer["holdout"]["top1"]
 
 
 @pytest.mark.parametrize(
@@ -94,7 +102,8 @@ def test_a_killed_search_resumes_without_redoing_finished_evaluations(tmp_path, 
         (["search.tolerance=-1"], "search.tolerance=-1 must be a positive number of top-1 points"),
         (["search.widths=[1,4]"], "search.widths=[1, 4] must be a list of word lengths, integers from 2 to 32"),
         (["search.cost=area"], "search.cost='area' is unknown; allowed: weight_memory, bitops"),
-        (["search.margin=2"], "search.margin=2 must be a number from 0 to below search.tolerance"),
+        (["search.confidence=1"], "search.confidence=1 must be a probability from 0.5 (no bound: the measured drop) to below 1"),
+        (["search.activation_bits=1"], "search.activation_bits=1 must be null (activations take the weights' uniform width) or a word length"),
         (['precision.rules=["features.0 weight=4"]'], "precision.rules and probe are what the search chooses; leave them out"),
         (["search.probe_images=0"], "search.probe_images=0 must be a positive number of images"),
         (["search.polish_evaluations=-1"], "search.polish_evaluations=-1 must be a whole number >= 0"),

@@ -30,13 +30,14 @@ def write_search_report(out: Path, answer: dict[str, Any]) -> str:
     h = answer["holdout"]
     cheapest = h["cheapest_uniform"]
     lines = [
-        f"Tolerance {answer['tolerance']} top-1 points (searched {answer['margin']} inside it), cost {answer['cost']}; "
-        f"widths {answer['widths'][0]}..{answer['widths'][-1]}; the answer narrows registers from {answer['uniform_width']} bits.",
+        f"Tolerance {answer['tolerance']} top-1 points (passing where the {answer['confidence']} bound on the drop is within it), "
+        f"cost {answer['cost']}; widths {answer['widths'][0]}..{answer['widths'][-1]}; the answer narrows registers from "
+        f"{answer['uniform_width']} bits" + (f", activations fixed at {answer['activation_bits']}." if answer["activation_bits"] else "."),
         "",
         f"| on the {h['images']} holdout images | top-1 | below float | weight KiB | GBitOps per image |",
         "|---|---:|---:|---:|---:|",
         f"| float | {h['float_top1']:.2f} | | | |",
-        f"| searched assignment ({len(answer['rules'])} rules) | {h['top1']:.2f} | {h['float_top1'] - h['top1']:.2f} | "
+        f"| searched assignment ({_assignment(answer)}) | {h['top1']:.2f} | {h['float_top1'] - h['top1']:.2f} | "
         f"{h['weight_kib']:.1f} | {h['bitops'] / 1e9:.3f} |",
     ]
     if cheapest is not None:
@@ -56,6 +57,12 @@ def write_search_report(out: Path, answer: dict[str, Any]) -> str:
     return markdown
 
 
+def _assignment(answer: dict[str, Any]) -> str:
+    """The answer in words: '4-bit weights, 8-bit activations, 3 rules narrowing them'."""
+    activations = answer["activation_bits"] or answer["uniform_width"]
+    return f"{answer['uniform_width']}-bit weights, {activations}-bit activations, {len(answer['rules'])} rules narrowing them"
+
+
 def _change(value: float, reference: float) -> str:
     """``value`` against ``reference`` in words: '12.6 % below' or '10.7 % above'."""
     percent = 100 * (value / reference - 1)
@@ -71,15 +78,23 @@ def _plot(trace: list[dict], key: str, answer: dict[str, Any], path: Path) -> No
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=False)
     for ax, split, title in ((axes[0], "search", "search images (where it chooses)"), (axes[1], "holdout", "holdout images (where it is judged)")):
         done = [e for e in trace if e["split"] == split and e["phase"] != "probe"]
-        uniform = sorted((e[key], e["top1"], e["bits"]) for e in done if not e["rules"])
+        is_uniform = lambda e: not e["rules"] and e["activation_bits"] in (None, e["bits"])  # noqa: E731
+        uniform = sorted((e[key], e["top1"], e["bits"]) for e in done if is_uniform(e))
+        # With activations held at one width: every weight at one width, the line the search starts from.
+        weights_only = sorted((e[key], e["top1"], e["bits"]) for e in done if not e["rules"] and not is_uniform(e))
         mixed = [(e[key], e["top1"]) for e in done if e["rules"]]
-        if uniform:
-            ax.plot([u[0] for u in uniform], [u[1] for u in uniform], "o-", color="tab:gray", label="uniform widths")
-            for cost, top1, bits in uniform:
+        for line, color, label in (
+            (uniform, "tab:gray", "uniform widths"),
+            (weights_only, "tab:blue", f"one weight width, activations at {answer['activation_bits']} bits"),
+        ):
+            if not line:
+                continue
+            ax.plot([u[0] for u in line], [u[1] for u in line], "o-", color=color, label=label)
+            for cost, top1, bits in line:
                 ax.annotate(str(bits), (cost, top1), fontsize=7, xytext=(3, -9), textcoords="offset points")
         if mixed:
             ax.plot(*zip(*mixed), "o", color="tab:orange", alpha=0.7, label="searched assignments")
-        front = pareto([(u[0], u[1]) for u in uniform] + mixed)
+        front = pareto([(u[0], u[1]) for u in uniform + weights_only] + mixed)
         ax.plot(*zip(*front), "-", color="tab:green", linewidth=2, alpha=0.6, label="Pareto front")
         float_top1 = done[0]["float_top1"] if done else None
         if float_top1 is not None:
@@ -89,7 +104,8 @@ def _plot(trace: list[dict], key: str, answer: dict[str, Any], path: Path) -> No
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 (%)")
-    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.legend(fontsize=8)
     top = max(e["float_top1"] for e in trace)
     for ax in axes:
         ax.set_ylim(max(0, top - 10 * answer["tolerance"]), top + answer["tolerance"])

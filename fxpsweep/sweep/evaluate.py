@@ -45,9 +45,23 @@ class Predictions:
         pct = [100.0 * float(hits[:, :k].any(1).sum()) / max(n, 1) for k in (1, TOP_K)]
         return Accuracy(pct[0], pct[1], n)
 
+    def top1_correct(self) -> torch.Tensor:
+        """(N,) bool: whether each image's best class is its label."""
+        return self.top[:, 0] == self.labels
+
     def plain(self) -> dict[str, torch.Tensor]:
         """As a dict of tensors (what ``storage.cached`` keeps)."""
         return {"top": self.top, "labels": self.labels}
+
+
+def paired_top1(reference: Predictions, other: Predictions) -> tuple[int, int]:
+    """(images ``reference`` gets right and ``other`` wrong, images ``other`` gets right and ``reference`` wrong).
+
+    The two counts that a paired comparison of top-1 on the same images rests
+    on: the drop is their difference, its sampling error grows with their sum.
+    """
+    ref, oth = reference.top1_correct(), other.top1_correct()
+    return int((ref & ~oth).sum()), int((~ref & oth).sum())
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from fxpsweep.errors import ConfigError
 from fxpsweep.models import PretrainedModel
 from fxpsweep.precision.costs import layer_costs, totals
 from fxpsweep.precision.rules import Rule, parse_rule
-from fxpsweep.sweep.evaluate import Predictions, predict
+from fxpsweep.sweep.evaluate import Predictions, paired_top1, predict
 from fxpsweep.sweep.jobdir import RESULT_FILE
 from fxpsweep.sweep.storage import atomic_write_json, atomic_write_text, cached
 
@@ -219,6 +219,7 @@ def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str,
         cfg.cache_dir,
     )
     float_acc, quant_acc = float_predictions.accuracy(), quant_predictions.accuracy()
+    top1_lost, top1_gained = paired_top1(float_predictions, quant_predictions)
     formats = quant_model.formats()  # overflow counts over the evaluation images, before the report reruns some
     costs = layer_costs(quant_model)
     sqnr = _layer_sqnr(model, quant_model.settings, quant_model, splits.evaluation, cfg, device)
@@ -235,6 +236,9 @@ def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str,
         "float_top5": float_acc.top5,
         "quant_top1": quant_acc.top1,
         "quant_top5": quant_acc.top5,
+        # Images float classifies right and fixed point wrong, and the reverse: the paired drop and its error.
+        "top1_lost": top1_lost,
+        "top1_gained": top1_gained,
         # The SQNR of the network's output (its last register) against float, on the report images.
         "output_sqnr_db": sqnr.get(quant_model.ops[-1].name) if sqnr else None,
         **totals(costs),
