@@ -284,9 +284,10 @@ def search(base: DictConfig, settings: SearchSettings, out: Path, run: Callable[
     def attempt(budget: float) -> bool:
         assignment = allocate(knobs, budget, price)
         result = on_search_half("allocation", assignment)
-        if settings.passes(result):
+        ok = settings.passes(result)
+        if ok:
             passed.append((assignment, result))
-        return settings.passes(result)
+        return ok
 
     low, high = 0.0, None
     budget = max(step_noise, 1e-9) / 16
