@@ -12,10 +12,12 @@ folder per evaluation under ``jobs/`` (a rerun skips finished ones). See
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fxpsweep.errors import ConfigError, one_line_errors
@@ -39,13 +41,13 @@ def run_one(cfg: DictConfig, folder: Path) -> dict[str, Any]:
 
 
 def precision_file(cfg: DictConfig, answer: dict[str, Any]) -> str:
-    """The answer as a precision option: the uniform width (and activation width, where the search fixed it) and the
-    rules that narrow registers from it."""
+    """The answer as a precision option: the uniform width (and activation width, where the search fixed it), the
+    rules that narrow registers from it, and the calibration that made its codes."""
     h = answer["holdout"]
     body = {
         "bits": answer["uniform_width"],
         **({"fwd_bits": answer["activation_bits"]} if answer["activation_bits"] is not None else {}),
-        "calibration": {"weight_rounding": cfg.calibration.weight_rounding},  # the codes the answer was judged with
+        "calibration": OmegaConf.to_container(cfg.calibration, resolve=True),  # the codes the answer was judged with
         "precision": {"name": cfg.search.name, "rules": answer["rules"]},
     }
     return (
@@ -77,8 +79,16 @@ def main(cfg: DictConfig) -> None:
     print(summary)
     print(f"\n{answer['evaluations']} network evaluations ({answer['evaluations_run_now']} run now, the rest from earlier runs); "
           f"exhaustive search over {answer['knobs']} registers would need {answer['exhaustive_assignments']:.3g}.")
-    print(f"precision file: {path}\nrun it: python run.py --config-dir {out} precision={cfg.search.name} "
-          f"model={cfg.model.name} dataset={cfg.dataset.name} eval_split=holdout")
+    print(f"precision file: {path}\nrun it: {rerun_command(cfg, out)}")
+
+
+def rerun_command(cfg: DictConfig, out: Path) -> str:
+    """``run.py`` on the answer and the holdout images: the precision file plus the search's own overrides
+    (``seed`` picks the halves and the calibration images), without its ``search.*`` settings."""
+    own = [o for o in HydraConfig.get().overrides.task if not o.startswith(("search.", "model=", "dataset="))]
+    words = ["python", "run.py", "--config-dir", str(out), f"precision={cfg.search.name}",
+             f"model={cfg.model.name}", f"dataset={cfg.dataset.name}", *own, "eval_split=holdout"]
+    return shlex.join(words)
 
 
 if __name__ == "__main__":

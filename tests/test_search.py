@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -71,7 +72,8 @@ def test_run_py_runs_the_precision_file_unchanged(searched, run_app, tmp_path) -
 
 def test_a_killed_search_resumes_without_redoing_finished_evaluations(tmp_path, cache_dir, run_app) -> None:
     out = tmp_path / "search"
-    proc = search(out, cache_dir, "search.activation_bits=8")  # activations fixed, weights searched
+    own = ["search.activation_bits=8", "seed=1", "calibration.bias_correction=false"]  # activations fixed, weights searched
+    proc = search(out, cache_dir, *own)
     deadline = time.time() + 600
     while time.time() < deadline and (not (out / "trace.json").exists() or len(json.loads((out / "trace.json").read_text())) < 5):
         time.sleep(0.2)
@@ -79,7 +81,7 @@ def test_a_killed_search_resumes_without_redoing_finished_evaluations(tmp_path, 
     proc.wait()
     done = {p.parent.name: p.stat().st_mtime_ns for p in (out / "jobs").glob("*/result.json")}
     assert len(done) >= 5
-    again = search(out, cache_dir, "search.activation_bits=8")
+    again = search(out, cache_dir, *own)
     stdout, stderr = again.communicate(timeout=1200)
     assert again.returncode == 0, stderr[-3000:]
     answer = json.loads((out / "search.json").read_text())
@@ -89,11 +91,16 @@ def test_a_killed_search_resumes_without_redoing_finished_evaluations(tmp_path, 
     # Every evaluation but the uniform widths it is judged beside keeps activations at 8; so does its precision file.
     results = [json.loads(p.read_text()) for p in jobs]
     assert {r["fwd_bits"] for r in results if r["eval_split"] == "search" or r["precision_rules"]} == {8}
-    (name,) = [p.stem for p in (out / "precision").glob("*.yaml")]
-    rerun = run_app("--config-dir", str(out), f"precision={name}", "eval_split=holdout", "report_images=0", f"hydra.run.dir={tmp_path / 'rerun'}")
+    # The printed command (the precision file and the search's own seed and calibration) reproduces the holdout figure.
+    (command,) = [line.removeprefix("run it: ") for line in stdout.splitlines() if line.startswith("run it: ")]
+    words = shlex.split(command)
+    assert words[:2] == ["python", "run.py"] and "seed=1" in words
+    assert "bias_correction: false" in next((out / "precision").glob("*.yaml")).read_text()
+    rerun = run_app(*words[2:], "report_images=0", f"hydra.run.dir={tmp_path / 'rerun'}")
     assert rerun.returncode == 0, rerun.stderr
     result = json.loads((tmp_path / "rerun" / "result.json").read_text())
-    assert result["fwd_bits"] == 8 and result["quant_top1"] == answer["holdout"]["top1"]
+    assert result["fwd_bits"] == 8 and result["seed"] == 1 and not result["bias_correction"]
+    assert result["quant_top1"] == answer["holdout"]["top1"] and result["weight_kib"] == answer["holdout"]["weight_kib"]
 
 
 @pytest.mark.parametrize(
