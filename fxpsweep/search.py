@@ -84,8 +84,9 @@ def main(cfg: DictConfig) -> None:
 
 def rerun_command(cfg: DictConfig, out: Path) -> str:
     """``run.py`` on the answer and the holdout images: the precision file plus the search's own overrides
-    (``seed`` picks the halves and the calibration images), without its ``search.*`` settings."""
-    own = [o for o in HydraConfig.get().overrides.task if not o.startswith(("search.", "model=", "dataset="))]
+    (``seed`` picks the halves and the calibration images), without its ``search.*`` settings and ``precision``
+    option (the file takes its place)."""
+    own = [o for o in HydraConfig.get().overrides.task if not o.startswith(("search.", "model=", "dataset=", "precision="))]
     words = ["python", "run.py", "--config-dir", str(out), f"precision={cfg.search.name}",
              f"model={cfg.model.name}", f"dataset={cfg.dataset.name}", *own, "eval_split=holdout"]
     return shlex.join(words)
