@@ -60,3 +60,25 @@ def test_byte_pieces_and_combine_rebuild_the_codes() -> None:
         rebuilt = combine(values, [1.0, 256.0], torch.full_like(codes, float(offset), dtype=torch.float64))
         assert torch.equal(rebuilt, codes.double())
         assert [p.dtype for p in pieces] == [torch.uint8 if unsigned else torch.int8] * 2
+
+
+@pytest.mark.parametrize("rounding", ["nearest_even", "floor"])
+def test_combine_and_round_in_one_pass_equals_combine_then_round(rounding: str, monkeypatch) -> None:
+    """A kernel's terms summed and rounded in one compiled loop give the codes and overflow count of the
+    float64 sum rounded afterwards, eager."""
+    g = torch.Generator().manual_seed(2)
+    shape = (4, 8, 48, 48)  # above COMPILE_MIN_ELEMENTS: the compiled path
+    terms = [torch.randint(-(2**23), 2**23, shape, generator=g).float(), torch.randint(-(2**20), 2**20, shape, generator=g, dtype=torch.int32)]
+    multipliers = [1.0, 256.0]
+    offset = torch.randint(-(2**20), 2**20, (1, 8, 1, 1), generator=g).double()
+    scale = 2.0 ** -torch.randint(15, 21, (1, 8, 1, 1), generator=g).double()  # per output channel, powers of two
+    bias = torch.randint(-(2**10), 2**10, (1, 8, 1, 1), generator=g).double() / 2
+    fmt = QFormat(12, 0, rounding, "saturate")
+    one_pass = Rounder(fmt, torch.float32, clamp=(0, fmt.max_code)).combine_and_round(terms, multipliers, offset, scale, bias)
+    monkeypatch.setattr(fused, "COMPILE_MIN_ELEMENTS", 1 << 40)  # everything eager
+    v = combine(terms, multipliers, offset, scale, bias)
+    two_passes = Rounder(fmt, torch.float32, clamp=(0, fmt.max_code)).round(v)
+    monkeypatch.undo()
+    assert torch.equal(one_pass[0], two_passes[0]) and one_pass[1] == two_passes[1]
+    assert 0 < two_passes[1] < v.numel()  # some values overflow, not all: the count is tested
+    assert fused._Fused.broken is False

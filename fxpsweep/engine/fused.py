@@ -90,6 +90,12 @@ def _combine(terms: list[torch.Tensor], multipliers, offset_sums, scale, bias):
     return acc
 
 
+def _combine_round_overflow(first, rest, multipliers, offset_sums, scale, bias, *args):
+    """``_round_overflow`` of ``_combine``: a kernel's terms summed and rounded in one loop, so the float64
+    sum (8 bytes per output value, fresh memory) is never written out."""
+    return _round_overflow(_combine([first, *rest], multipliers, offset_sums, scale, bias), *args)
+
+
 class _Fused:
     """``fn`` compiled on first use for large tensors, eager for small ones and wherever compiling fails."""
 
@@ -121,6 +127,7 @@ _SCALE_ROUND = _Fused(_scale_round_overflow)
 _ADD_ROUND = _Fused(_add_round_overflow)
 _PIECES = _Fused(_byte_pieces)
 _COMBINE = _Fused(lambda first, rest, *args: _combine([first, *rest], *args))
+_COMBINE_ROUND = _Fused(_combine_round_overflow)
 
 
 class Rounder:
@@ -176,6 +183,18 @@ class Rounder:
         codes, overflowed = _ADD_ROUND(a, b, *scales, *self._bounds(a), *self.args)
         return codes, int(overflowed)
 
+    def combine_and_round(
+        self, terms: list[torch.Tensor], multipliers: list[float], offset_sums: torch.Tensor | None,
+        scale: torch.Tensor, bias: torch.Tensor,
+    ) -> tuple[torch.Tensor, int]:
+        """Codes of ``combine(terms, multipliers, offset_sums, scale, bias)`` and the number that overflowed,
+        in one pass (see ``combine``)."""
+        if self.fmt.rounding == "stochastic":
+            return self._stochastic(combine(terms, multipliers, offset_sums, scale, bias))
+        weights = _multipliers(multipliers, terms[0].device)
+        codes, overflowed = _COMBINE_ROUND(terms[0], terms[1:], weights, offset_sums, scale, bias, *self._bounds(scale), *self.args)
+        return codes, int(overflowed)
+
     def _stochastic(self, v: torch.Tensor) -> tuple[torch.Tensor, int]:
         k = round_to_integer(v, "stochastic", self.generator)
         overflowed = int(torch.count_nonzero((k < self.fmt.min_code) | (k > self.fmt.max_code)))
@@ -199,5 +218,9 @@ def combine(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The exact float64 sum of kernel terms, each times its power of two (see ``_combine``), in one pass."""
-    weights = torch.tensor(multipliers, dtype=torch.float64, device=terms[0].device)
-    return _COMBINE(terms[0], terms[1:], weights, offset_sums, scale, bias)
+    return _COMBINE(terms[0], terms[1:], _multipliers(multipliers, terms[0].device), offset_sums, scale, bias)
+
+
+def _multipliers(multipliers: list[float], device: torch.device) -> torch.Tensor:
+    """The powers of two of ``combine`` as one float64 tensor: compiled code is then shared by every layer."""
+    return torch.tensor(multipliers, dtype=torch.float64, device=device)

@@ -5,7 +5,9 @@ on a processor with and without VNNI), so nothing is assumed: the first batch
 a conv/linear layer sees (of each shape) runs through every kernel that
 ``kernels`` proves exact for it, each timed (one warm-up call, then the best
 of two; a kernel whose first timed call took over three times the best time
-so far is not timed again). Their outputs must agree bit for bit, since all
+so far is not timed again), as the layer runs it: with the rounding of its
+result (``finish``) where the caller gives one, since a kernel of several
+calls has its terms summed and rounded in one pass. Their outputs must agree bit for bit, since all
 are exact, on that input and on one of extreme codes (each the lowest or the
 highest code the input may hold, where intermediate sums of a library's
 kernel would overflow first): one that differs from ``float64`` (the plainest) is a bug in
@@ -24,17 +26,19 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fxpsweep.engine.kernels import Kernel
+from fxpsweep.engine.kernels import Kernel, Terms
 from fxpsweep.sweep.storage import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 SKIP_SLOWER = 3.0  # a candidate whose warm-up takes this many times the best time is not timed further
+Finish = Callable[[torch.Tensor | Terms], Any]  # a kernel's result -> the layer's codes
 _in_memory: dict[str, dict[str, str]] = {}  # machine key -> layer signature -> kernel label
 
 
@@ -73,8 +77,9 @@ class KernelChooser:
     def __init__(self, cache_dir: str | Path | None = None) -> None:
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
 
-    def choose(self, candidates: list[Kernel], codes: torch.Tensor, layer_name: str) -> Kernel:
-        """The fastest of ``candidates`` on ``codes`` (a real input of the layer), from the cache when known."""
+    def choose(self, candidates: list[Kernel], codes: torch.Tensor, layer_name: str, finish: Finish | None = None) -> Kernel:
+        """The fastest of ``candidates`` on ``codes`` (a real input of the layer), from the cache when known;
+        ``finish``: what the layer does with a kernel's ``result`` (timed with it), else the kernel's own sum."""
         if len(candidates) == 1:
             return candidates[0]
         about = machine(codes.device)
@@ -95,7 +100,7 @@ class KernelChooser:
         by_label = {k.label: k for k in candidates}
         if known.get(signature) in by_label:
             return by_label[known[signature]]
-        seconds = self._time(candidates, codes, layer_name)
+        seconds = self._time(candidates, codes, layer_name, finish)
         best = min(seconds, key=seconds.get)
         known[signature] = best
         if path is not None:
@@ -104,7 +109,7 @@ class KernelChooser:
         return by_label[best]
 
     @torch.no_grad()
-    def _time(self, candidates: list[Kernel], codes: torch.Tensor, layer_name: str) -> dict[str, float]:
+    def _time(self, candidates: list[Kernel], codes: torch.Tensor, layer_name: str, finish: Finish | None) -> dict[str, float]:
         """Seconds per call of each candidate that agrees with the reference output."""
         reference_kernel = next((k for k in candidates if k.name == "float64"), candidates[0])
         extreme = extreme_codes(codes[:2], *reference_kernel.layer.input_codes)
@@ -117,11 +122,11 @@ class KernelChooser:
                 if not (torch.equal(out.double(), reference.double()) and torch.equal(kernel(extreme).double(), reference_extreme.double())):
                     log.error("%s: kernel %s disagrees with %s; it is not used", layer_name, kernel.label, reference_kernel.label)
                     continue
-            first = _timed(kernel, codes)
+            first = _timed(kernel, codes, finish)
             if first > SKIP_SLOWER * min(seconds.values(), default=float("inf")):
                 seconds[kernel.label] = first  # clearly slower: one timing will do
                 continue
-            seconds[kernel.label] = min(first, _timed(kernel, codes))
+            seconds[kernel.label] = min(first, _timed(kernel, codes, finish))
         if not seconds:
             raise RuntimeError(f"{layer_name}: no kernel agreed with {reference_kernel.label}")
         return seconds
@@ -147,12 +152,15 @@ def extreme_codes(codes: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return torch.where(top, high, low).to(codes.dtype)
 
 
-def _timed(kernel: Kernel, codes: torch.Tensor) -> float:
-    """Seconds of one call of ``kernel`` on ``codes``."""
+def _timed(kernel: Kernel, codes: torch.Tensor, finish: Finish | None = None) -> float:
+    """Seconds of one call of ``kernel`` on ``codes`` (and of ``finish`` of its result)."""
     if codes.is_cuda:
         torch.cuda.synchronize(codes.device)
     start = time.perf_counter()
-    kernel(codes)
+    if finish is None:
+        kernel(codes)
+    else:
+        finish(kernel.result(codes))
     if codes.is_cuda:
         torch.cuda.synchronize(codes.device)
     return time.perf_counter() - start

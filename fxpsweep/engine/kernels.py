@@ -39,6 +39,11 @@ the fastest is measured on the machine (``kernel_choice``):
   rounding of every product (``sequential_dot``); never measured, the
   semantics need it.
 
+A kernel of several calls returns its exact terms (``Terms``) rather than
+their sum: ``FixedDot`` sums them in float64 and rounds the sum in one pass
+(``fused.Rounder.combine_and_round``), so the float64 output never goes to
+memory; calling a kernel returns the sum itself.
+
 8-bit pieces: weights split into signed digits ``w = sum_j 256**j * w_j``
 (``w_j`` in [-128, 127]; ``onednn_int8`` without VNNI: ``128**j``, ``w_j`` in
 [-64, 63]), activations into bytes offset by 128
@@ -75,6 +80,20 @@ class ConvGeometry:
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
     is_linear: bool = False
+
+
+@dataclass
+class Terms:
+    """A kernel's exact integer terms before their sum: ``acc = sum_t terms[t] * multipliers[t] (+ offset_sums)``.
+
+    Each term is exact in its own dtype (float32 below ``2**24``, int32); the
+    multipliers are powers of two. The caller sums them in float64, or sums and
+    rounds them in one pass (``fused.Rounder.combine_and_round``).
+    """
+
+    terms: list[torch.Tensor]
+    multipliers: list[float]
+    offset_sums: torch.Tensor | None = None
 
 
 @dataclass
@@ -141,38 +160,40 @@ class DotLayer:
                 return chunks
         return None
 
-    def combine(self, terms: list[torch.Tensor], multipliers: list[float], offset_sums: torch.Tensor | None = None) -> torch.Tensor:
-        """A kernel's result from its exact integer terms: ``acc = sum terms * multipliers (+ offset_sums)``,
-        in float64 (below ``2**53``), then ``v = acc * out_scale + bias_out`` unless ``raw``."""
+    def combine(self, result: Terms) -> torch.Tensor:
+        """A kernel's result from its exact integer terms, in float64 (below ``2**53``):
+        ``acc``, then ``v = acc * out_scale + bias_out`` unless ``raw``."""
         if self.raw:
-            return combine(terms, multipliers, offset_sums)
-        scale, bias = self._scale_and_bias(terms[0].device)
-        return combine(terms, multipliers, offset_sums, scale, bias)
+            return combine(result.terms, result.multipliers, result.offset_sums)
+        scale, bias = self.scale_and_bias(result.terms[0].device)
+        return combine(result.terms, result.multipliers, result.offset_sums, scale, bias)
 
     def output(self, acc: torch.Tensor) -> torch.Tensor:
         """``v`` from ``acc`` (exact): both scalings are powers of two, the sum stays below ``2**53``."""
-        scale, bias = self._scale_and_bias(acc.device)
+        scale, bias = self.scale_and_bias(acc.device)
         return combine([acc], [1.0], None, scale, bias)
 
     def window_sums(self, codes: torch.Tensor) -> torch.Tensor:
-        """``sum_k a_k`` over each output's inputs (float64, exact below ``2**53``), per output channel."""
+        """``sum_k a_k`` over each output's inputs, per output channel: exact in float32 where the sum of a
+        window stays below ``2**24`` (``K * 2**(act_bits-1)``), else in float64 (below ``2**53``)."""
         g = self.geometry
-        x = codes.double()
+        x = codes.float() if self.weight[0].numel() * self.act_max < FLOAT32_EXACT else codes.double()
         if g.is_linear:
             return x.sum(1, keepdim=True)
         # Sum each group's input channels first, then the window of that one map: the same integers
         # (zero padding adds nothing either way) for a fraction of the work of a conv over every channel.
         n, _, h, w = x.shape
         per_group = x.reshape(n, g.groups, -1, h, w).sum(2)  # (N, groups, H, W)
-        ones = torch.ones(g.groups, 1, *self.weight.shape[2:], dtype=torch.float64, device=x.device)
-        sums = F.conv2d(per_group, ones, None, g.stride, g.padding, g.dilation, g.groups)  # (N, groups, OH, OW)
+        ones = torch.ones(g.groups, 1, *self.weight.shape[2:], dtype=x.dtype, device=x.device)
+        sums = float_dot(per_group, ones, ConvGeometry(g.stride, g.padding, g.dilation, g.groups))  # (N, groups, OH, OW)
         return sums.repeat_interleave(self.out_channels // g.groups, dim=1)
 
     def channel_view(self, values: torch.Tensor) -> torch.Tensor:
         """Per-output-channel values shaped to broadcast against the layer's output."""
         return values.reshape((1, -1) if self.geometry.is_linear else (1, -1, 1, 1))
 
-    def _scale_and_bias(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def scale_and_bias(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``out_scale`` and ``bias_out`` shaped to broadcast against the output (float64)."""
         return self.channel_view(self.out_scale).to(device), self.channel_view(self.bias_out).to(device)
 
 
@@ -192,6 +213,12 @@ def float_dot(
     if exact and codes.is_cuda:
         with torch.backends.cudnn.flags(enabled=False):
             return F.conv2d(codes, weight, bias, g.stride, g.padding, g.dilation, g.groups)
+    if codes.dtype == torch.float64 and g.groups > 1 and codes.is_contiguous(memory_format=torch.channels_last):
+        # PyTorch's own float64 path (oneDNN has none) runs a grouped conv one group at a time, and in
+        # channels-last order each group's slice is a strided copy: 2.4 to 2.6x slower than NCHW with the two
+        # layout copies (a 3x3 depthwise conv of 32 x 144 x 56 x 56, Xeon and EPYC).
+        out = F.conv2d(codes.contiguous(), weight.contiguous(), bias, g.stride, g.padding, g.dilation, g.groups)
+        return out.contiguous(memory_format=torch.channels_last)
     return F.conv2d(codes, weight, bias, g.stride, g.padding, g.dilation, g.groups)
 
 
@@ -215,6 +242,12 @@ class Kernel:
         raise NotImplementedError
 
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        """``v`` of ``codes`` (``acc`` where the layer is ``raw``), float32 or float64."""
+        result = self.result(codes)
+        return result if isinstance(result, torch.Tensor) else self.layer.combine(result)
+
+    def result(self, codes: torch.Tensor) -> torch.Tensor | Terms:
+        """``v`` (``acc`` where ``raw``), or the terms that sum to it (``Terms``), left to the caller to sum."""
         raise NotImplementedError
 
     @property
@@ -255,13 +288,13 @@ class Float32Kernel(Kernel):
     def applies(cls, layer: DotLayer, device: torch.device) -> bool:
         return layer.input_chunks(layer.abs_sums(), layer.act_max, FLOAT32_EXACT) is not None
 
-    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+    def result(self, codes: torch.Tensor) -> torch.Tensor | Terms:
         x = codes.float()
         g = self.layer.geometry
         if self.folded:
             return float_dot(x, self.weights[0], g, self.bias, self.exact)
         terms = [float_dot(x[:, chunk], w, g) for chunk, w in zip(self.chunks, self.weights)]
-        return self.layer.combine(terms, [1.0] * len(terms))
+        return Terms(terms, [1.0] * len(terms))
 
 
 class Float64Kernel(Kernel):
@@ -288,7 +321,7 @@ class Float64Kernel(Kernel):
         im2col = 0.0 if layer.geometry.is_linear else 8.0 * layer.weight[0].numel() * layer.geometry.groups / layer.out_channels
         return 16.0 + im2col
 
-    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+    def result(self, codes: torch.Tensor) -> torch.Tensor | Terms:
         return float_dot(codes.double(), self.weight, self.layer.geometry, self.bias)
 
 
@@ -448,7 +481,7 @@ class OneDNNInt8Kernel(Kernel):
             list(g.stride), list(self.padding), list(g.dilation), g.groups, 1.0, 0, torch.float32, "none", [], "",
         )
 
-    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+    def result(self, codes: torch.Tensor) -> torch.Tensor | Terms:
         pieces, offset = self._pieces(codes)
         layout = torch.contiguous_format if self.layer.geometry.is_linear else torch.channels_last
         if self.folded:
@@ -462,7 +495,7 @@ class OneDNNInt8Kernel(Kernel):
         if self.shift:
             terms.append(self.layer.window_sums(codes))
             multipliers.append(float(self.shift))
-        return self.layer.combine(terms, multipliers, self.row_sums * offset if offset else None)
+        return Terms(terms, multipliers, self.row_sums * offset if offset else None)
 
 
 def _im2col_nhwc(x: torch.Tensor, kernel: tuple[int, int], g: ConvGeometry) -> tuple[torch.Tensor, int, int]:
@@ -509,7 +542,7 @@ class Int8MatmulKernel(Kernel):
         k = layer.weight[0].numel()
         return device.type == "cpu" and layer.geometry.groups == 1 and k * PIECE * PIECE < INT32_EXACT and layer.dot_bound() < FLOAT64_EXACT
 
-    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+    def result(self, codes: torch.Tensor) -> torch.Tensor | Terms:
         g = self.layer.geometry
         x = codes
         if not g.is_linear:
@@ -531,7 +564,7 @@ class Int8MatmulKernel(Kernel):
         if self.shift:
             terms.append(self.layer.window_sums(codes))
             multipliers.append(float(self.shift))
-        return self.layer.combine(terms, multipliers, self.row_sums * offset if offset else None)
+        return Terms(terms, multipliers, self.row_sums * offset if offset else None)
 
 
 class Float32PiecesKernel(Kernel):
@@ -557,7 +590,7 @@ class Float32PiecesKernel(Kernel):
         chunks = _piece_chunks(layer, digits)
         return chunks is not None and pieces * len(chunks) <= MAX_CALLS
 
-    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+    def result(self, codes: torch.Tensor) -> torch.Tensor | Terms:
         g = self.layer.geometry
         x = codes
         if any(g.padding):
@@ -575,7 +608,7 @@ class Float32PiecesKernel(Kernel):
         if self.shift:
             terms.append(self.layer.window_sums(codes))
             multipliers.append(float(self.shift))
-        return self.layer.combine(terms, multipliers, self.row_sums * offset if offset else None)
+        return Terms(terms, multipliers, self.row_sums * offset if offset else None)
 
 
 # The measured kernels, in the order they are tried (ties go to the first).

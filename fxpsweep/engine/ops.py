@@ -297,7 +297,8 @@ class FixedDot(FixedOp):
         if shape not in self.chosen:
             # Timed on as many images as the most sliced candidate runs at once (see fixed_forward).
             first = min(self._slice_size(k, codes) for k in self.candidates)
-            self.chosen[shape] = self.chooser.choose(self.candidates, codes[:first], self.name)
+            finish = self._round_result if self.acc_fmt is None else None  # timed as _dot_codes runs it
+            self.chosen[shape] = self.chooser.choose(self.candidates, codes[:first], self.name, finish)
         return self.chosen[shape]
 
     def fixed_forward(self, codes: torch.Tensor) -> torch.Tensor:
@@ -339,13 +340,22 @@ class FixedDot(FixedOp):
 
     def _dot_codes(self, kernel: kernels.Kernel, codes: torch.Tensor) -> torch.Tensor:
         """The output codes of ``codes`` on ``kernel``, overflows counted."""
+        if self.acc_fmt is None:
+            return self.count(*self._round_result(kernel.result(codes)))
+        # A wrapping accumulator is order-independent: wrap the exact sum once.
         v = kernel(codes)
-        if self.acc_fmt is not None:
-            # A wrapping accumulator is order-independent: wrap the exact sum once.
-            self.acc_overflows += int(torch.count_nonzero((v < self.acc_fmt.min_code) | (v > self.acc_fmt.max_code)))
-            self.acc_values += v.numel()
-            v = self.layer.output(apply_overflow(v, self.acc_fmt.total_bits, self.acc_fmt.overflow))
-        return self.emit(v, in_place=True)  # the kernel's output is a new tensor
+        self.acc_overflows += int(torch.count_nonzero((v < self.acc_fmt.min_code) | (v > self.acc_fmt.max_code)))
+        self.acc_values += v.numel()
+        v = self.layer.output(apply_overflow(v, self.acc_fmt.total_bits, self.acc_fmt.overflow))
+        return self.emit(v, in_place=True)
+
+    def _round_result(self, result: torch.Tensor | kernels.Terms) -> tuple[torch.Tensor, int]:
+        """The output codes of a kernel's ``result`` and how many overflowed. Terms are summed and rounded
+        in one pass, so their float64 sum is never written to memory; a tensor is a new one, rounded in place."""
+        if isinstance(result, kernels.Terms):
+            scale, bias = self.layer.scale_and_bias(result.terms[0].device)
+            return self.rounder.combine_and_round(result.terms, result.multipliers, result.offset_sums, scale, bias)
+        return self.rounder.round(result, in_place=True)
 
     def reset_counts(self) -> None:
         super().reset_counts()
