@@ -16,11 +16,11 @@ from fxpsweep.engine.ops import FixedDot
 from fxpsweep.engine.settings import QuantSettings
 
 
-def conv_layer(bits: int = 12) -> FixedDot:
+def conv_layer(bits: int = 12, rounding: str = "nearest_even") -> FixedDot:
     torch.manual_seed(0)
     op = FixedDot("conv", nn.Conv2d(16, 16, 3, padding=1))
     op.set_parameter_formats([QFormat(bits, 10)] * 16, QFormat(32, 20))
-    op.finalize(QFormat(bits, 2), [QFormat(bits, 4)], QuantSettings(bits, bits), 0)
+    op.finalize(QFormat(bits, 2, rounding), [QFormat(bits, 4)], QuantSettings(bits, bits, rounding=rounding), 0)
     return op
 
 
@@ -84,3 +84,15 @@ def test_a_kernel_wrong_only_on_extreme_codes_is_never_chosen(monkeypatch, caplo
     op(ordinary)
     assert op.kernel != wrong.label
     assert "disagrees" in caplog.text
+
+
+def test_stochastic_rounding_draws_the_same_whether_the_kernels_were_timed_or_not(monkeypatch) -> None:
+    # Kernels are timed with the rounding of their result, except a stochastic one: its draws
+    # would advance the generator, so the codes would depend on the state of the cache.
+    monkeypatch.setattr(kernel_choice, "_in_memory", {})
+    x = codes()
+    timed = conv_layer(rounding="stochastic")
+    assert len(timed.candidates) > 1
+    first = timed(x)
+    second = conv_layer(rounding="stochastic")(x)  # the choice from memory, nothing timed
+    assert torch.equal(first, second)

@@ -297,7 +297,9 @@ class FixedDot(FixedOp):
         if shape not in self.chosen:
             # Timed on as many images as the most sliced candidate runs at once (see fixed_forward).
             first = min(self._slice_size(k, codes) for k in self.candidates)
-            finish = self._round_result if self.acc_fmt is None else None  # timed as _dot_codes runs it
+            # Timed as _dot_codes runs it; not with stochastic rounding, whose draws would then depend on
+            # whether the choice was cached.
+            finish = self._round_result if self.acc_fmt is None and self.rounder.fmt.rounding != "stochastic" else None
             self.chosen[shape] = self.chooser.choose(self.candidates, codes[:first], self.name, finish)
         return self.chosen[shape]
 
