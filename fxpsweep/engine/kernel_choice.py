@@ -8,10 +8,11 @@ of two; a kernel whose first timed call took over three times the best time
 so far is not timed again), as the layer runs it: with the rounding of its
 result (``finish``) where the caller gives one, since a kernel of several
 calls has its terms summed and rounded in one pass. Their outputs must
-agree bit for bit, since all are exact, on that input and on one of extreme codes (each the lowest or the
-highest code the input may hold, where intermediate sums of a library's
-kernel would overflow first): one that differs from ``float64`` (the plainest) is a bug in
-it or in the library under it, is logged as an error and never chosen.
+agree bit for bit, since all are exact, on that input and on one of extreme
+codes (each the lowest or the highest code the input may hold, where
+intermediate sums of a library's kernel would overflow first): one that
+differs from ``float64`` (the plainest) is a bug in it or in the library
+under it, is logged as an error and never chosen.
 
 Choices are cached per machine (processor, CPU capability, torch version,
 threads, device) and per layer signature (input and weight shapes, geometry,

@@ -86,7 +86,7 @@ class ConvGeometry:
 class Terms:
     """A kernel's exact integer terms before their sum: ``acc = sum_t terms[t] * multipliers[t] (+ offset_sums)``.
 
-    Each term is exact in its own dtype (float32 below ``2**24``, int32); the
+    Each term is exact in its own dtype (float32 below ``2**24``, int32, float64); the
     multipliers are powers of two. The caller sums them in float64, or sums and
     rounds them in one pass (``fused.Rounder.combine_and_round``).
     """
@@ -306,7 +306,9 @@ class Float64Kernel(Kernel):
         super().__init__(layer, device)
         view = (-1,) + (1,) * (layer.weight.dim() - 1)
         scale = torch.ones_like(layer.out_scale) if layer.raw else layer.out_scale
-        self.weight = _conv_layout((layer.weight * scale.reshape(view)).to(device))
+        weight = (layer.weight * scale.reshape(view)).to(device)
+        # Grouped: NCHW, the order float_dot runs float64 grouped convolutions in (no copy per call).
+        self.weight = weight.contiguous() if layer.geometry.groups > 1 else _conv_layout(weight)
         self.bias = None if layer.raw else layer.bias_out.to(device)
 
     @classmethod
