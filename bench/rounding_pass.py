@@ -1,0 +1,143 @@
+"""What a register's rounding pass costs, and how much of it is the overflow count: a bound on the engine's speed.
+
+    python bench/rounding_pass.py [--model mobilenet_v2] [--bits 8] [--arithmetic exact] [--batch 32] [--threads 2]
+
+Every register's codes come out of one compiled pass (``fused.Rounder``):
+round, count the values outside the format, clamp, store. torch.compile's CPU
+code generator writes a reduction over the whole tensor as a loop of its own,
+before the loop that stores the codes, so the pass reads the register twice
+and the count costs more than the rest of the pass.
+
+Part 1, on the largest register of the model (its real values, captured
+during a forward pass): the engine's pass, the same compiled pass without the
+count, a float32 ReLU6 (``clamp_``, what float32 inference spends on that
+register) and one read (``sum``); each on a fresh copy of the register, whose
+time is given and subtracted. Part 2: images/s of float32 (BatchNorm folded,
+channels-last, the baseline of ``throughput.py``), of the network, and of the
+same network with the count left out of its in-place rounding passes (the
+codes are checked equal; the counts are not kept), timed in turn, best of five
+rounds: how fast the engine would be if counting overflows cost nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+
+import torch
+from throughput import INPUT_SIZE, ChannelsLast, fxpsweep_network, random_model
+from torch.fx.experimental.optimization import fuse
+
+from fxpsweep.engine import fused
+from fxpsweep.engine.fixedpoint import round_to_integer
+from fxpsweep.engine.kernel_choice import processor_name
+
+
+def _round_into_uncounted(v, lo, hi, clamp_lo, clamp_hi, rounding, overflow, total_bits, dtype):
+    """``fused._round_overflow_into`` without the count (saturation only): the codes, no statistics."""
+    v.copy_(torch.clamp(round_to_integer(v, rounding), clamp_lo, clamp_hi).to(dtype))
+    return torch.zeros((), dtype=torch.int64)
+
+
+COUNTED = fused._ROUND_INTO
+UNCOUNTED = fused._Fused(_round_into_uncounted)
+
+
+def best_ms(run: Callable[[], object], rounds: int = 7) -> float:
+    seconds = math.inf
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run()
+        seconds = min(seconds, time.perf_counter() - start)
+    return seconds * 1e3
+
+
+def largest_register(net: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """A copy of the largest tensor the network rounds in place, and the other arguments of that pass."""
+    seen: dict[str, tuple] = {}
+
+    def spy(v, *args):
+        if "v" not in seen or v.numel() > seen["v"][0].numel():
+            seen["v"] = (v.clone(), args)
+        return COUNTED(v, *args)
+
+    fused._ROUND_INTO = spy
+    try:
+        with torch.no_grad():
+            net(batch)
+    finally:
+        fused._ROUND_INTO = COUNTED
+    return seen["v"]
+
+
+def pass_costs(register: torch.Tensor, args: tuple) -> list[tuple[str, float]]:
+    """(what, ms) of each pass over a fresh copy of ``register``, the copy's own time subtracted."""
+    work = register.clone()
+    fresh = lambda: work.copy_(register)  # noqa: E731
+    passes = {
+        "engine's pass: round, count, clamp (compiled)": lambda: COUNTED(fresh(), *args),
+        "the same without the count (compiled)": lambda: UNCOUNTED(fresh(), *args),
+        "float32 ReLU6 (clamp_, eager)": lambda: fresh().clamp_(0, 6),
+        "one read (sum, eager)": lambda: fresh().sum(),
+    }
+    for run in passes.values():
+        run()  # compile, warm up
+    copy_ms = best_ms(fresh)
+    return [("copy of the register (subtracted below)", copy_ms)] + [(k, best_ms(v) - copy_ms) for k, v in passes.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mobilenet_v2")
+    parser.add_argument("--bits", type=int, default=8)
+    parser.add_argument("--arithmetic", default="exact")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    size = INPUT_SIZE.get(args.model, 224)
+    batch = torch.randn(args.batch, 3, size, size)
+    model = random_model(args.model)
+    baseline = ChannelsLast(fuse(model))
+    net = fxpsweep_network(model, batch, args.bits, args.arithmetic)
+    register, pass_args = largest_register(net, batch)
+    print(f"# {args.model}, {args.bits}-bit {args.arithmetic}, batch {args.batch}, {args.threads} threads, "
+          f"{processor_name()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}\n")
+    print(f"Part 1: the largest register, {tuple(register.shape)} {register.dtype} "
+          f"({register.numel() * register.element_size() / 2**20:.0f} MiB).\n")
+    print("| pass | ms |\n|---|---:|")
+    for what, ms in pass_costs(register, pass_args):
+        print(f"| {what} | {ms:.1f} |")
+
+    def network(rounding: fused._Fused) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            fused._ROUND_INTO = rounding
+            try:
+                return net(batch)
+            finally:
+                fused._ROUND_INTO = COUNTED
+        return run
+
+    configurations = {
+        "float32, folded, channels-last": lambda: baseline(batch),
+        "fxpsweep (overflows counted)": network(COUNTED),
+        "fxpsweep, overflow count left out": network(UNCOUNTED),
+    }
+    with torch.no_grad():
+        same = torch.equal(network(COUNTED)(), network(UNCOUNTED)())
+        best = dict.fromkeys(configurations, math.inf)
+        for _ in range(5):  # in turn, so a disturbance of the machine hits all alike
+            for name, run in configurations.items():
+                best[name] = min(best[name], best_ms(run, rounds=1))
+    print(f"\nPart 2: one batch, best of five rounds; outputs of the two fxpsweep runs equal: {same}.\n")
+    print("| configuration | ms a batch | images/s | x float32 |\n|---|---:|---:|---:|")
+    reference = best["float32, folded, channels-last"]
+    for name, ms in best.items():
+        print(f"| {name} | {ms:.0f} | {args.batch / ms * 1e3:.1f} | {reference / ms:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
