@@ -248,3 +248,21 @@ def test_layers_reading_a_relu_register_equal_the_reference_on_every_kernel(seed
     assert device.type != "cpu" or any(getattr(k, "zero_point", None) == 0 for k in op.candidates)
     acc = ref.linear_acc(x, w, None, None) if linear else ref.conv2d_acc(x, w, module.stride[0], 1, 1, module.groups, None, None)
     np.testing.assert_array_equal(got, acc)
+
+
+def test_a_layer_sliced_over_the_batch_gives_the_reference_codes(device) -> None:
+    # An output above SLICE_MIN_ELEMENTS: kernels of several calls run on slices of the batch (their
+    # temporaries bounded), each slice's codes written into the output; every kernel, sliced or not.
+    rng = np.random.default_rng(3)
+    module = nn.Conv2d(4, 48, 3, 1, 1, bias=True)
+    x, w, b = random_codes(rng, (6, 4, 66, 66), 16), random_codes(rng, module.weight.shape, 16), random_codes(rng, (48,), 16)
+    with torch.no_grad():
+        module.weight.copy_(as_real(w, 15))
+        module.bias.copy_(as_real(b, 12))
+    op = FixedDot("large", module)
+    op.set_parameter_formats([QFormat(16, 15)] * 48, QFormat(16, 12))
+    got = run_op(op, device, QuantSettings(16, 16), QFormat(16, 2), [QFormat(16, 4)], x)
+    codes = torch.zeros(x.shape, dtype=torch.float64, device=device)
+    assert any(op._slice_size(k, codes) < len(x) for k in op.candidates)
+    total = ref.conv2d_exact(x, w, 1, 1, 1, 1) + b.reshape(1, -1, 1, 1) * (np.int64(1) << 7)  # bias F 12 -> acc F 19
+    np.testing.assert_array_equal(got, ref.requantize_array(total, 19, 16, 2, "nearest_even", "saturate"))

@@ -257,7 +257,8 @@ class Kernel:
 
     @property
     def scratch(self) -> float:
-        """Bytes of temporaries per output element: each call's float32 or int32 term and their float64 sum."""
+        """Bytes of temporaries per output element, at most: each call's float32 or int32 term, and their
+        float64 sum (an ``acc_bits`` layer; elsewhere the codes the terms are rounded into, 4 bytes)."""
         return 4.0 if self.calls == 1 else 4.0 * self.calls + 8.0
 
 
