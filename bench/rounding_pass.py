@@ -22,12 +22,13 @@ rounds: how fast the engine would be if counting overflows cost nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
-from throughput import INPUT_SIZE, ChannelsLast, fxpsweep_network, random_model
+from throughput import INPUT_SIZE, ChannelsLast, best_images_per_second, fxpsweep_network, random_model
 from torch.fx.experimental.optimization import fuse
 
 from fxpsweep.engine import fused
@@ -54,6 +55,16 @@ def best_ms(run: Callable[[], object], rounds: int = 7) -> float:
     return seconds * 1e3
 
 
+@contextlib.contextmanager
+def in_place_rounding(fn: Callable) -> Iterator[None]:
+    """The engine's in-place rounding pass replaced by ``fn`` (same arguments) while the block runs."""
+    fused._ROUND_INTO = fn
+    try:
+        yield
+    finally:
+        fused._ROUND_INTO = COUNTED
+
+
 def largest_register(net: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """A copy of the largest tensor the network rounds in place, and the other arguments of that pass."""
     seen: dict[str, tuple] = {}
@@ -63,12 +74,8 @@ def largest_register(net: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.T
             seen["v"] = (v.clone(), args)
         return COUNTED(v, *args)
 
-    fused._ROUND_INTO = spy
-    try:
-        with torch.no_grad():
-            net(batch)
-    finally:
-        fused._ROUND_INTO = COUNTED
+    with in_place_rounding(spy), torch.no_grad():
+        net(batch)
     return seen["v"]
 
 
@@ -112,32 +119,25 @@ def main() -> None:
     for what, ms in pass_costs(register, pass_args):
         print(f"| {what} | {ms:.1f} |")
 
-    def network(rounding: fused._Fused) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
-            fused._ROUND_INTO = rounding
-            try:
-                return net(batch)
-            finally:
-                fused._ROUND_INTO = COUNTED
+    def network(rounding: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with in_place_rounding(rounding):
+                return net(x)
         return run
 
     configurations = {
-        "float32, folded, channels-last": lambda: baseline(batch),
+        "float32, folded, channels-last": baseline,
         "fxpsweep (overflows counted)": network(COUNTED),
         "fxpsweep, overflow count left out": network(UNCOUNTED),
     }
     with torch.no_grad():
-        same = torch.equal(network(COUNTED)(), network(UNCOUNTED)())
-        best = dict.fromkeys(configurations, math.inf)
-        for _ in range(5):  # in turn, so a disturbance of the machine hits all alike
-            for name, run in configurations.items():
-                best[name] = min(best[name], best_ms(run, rounds=1))
+        same = torch.equal(network(COUNTED)(batch), network(UNCOUNTED)(batch))
+    per_second = best_images_per_second(configurations, batch, rounds=5)  # in turn: a disturbance hits all alike
     print(f"\nPart 2: one batch, best of five rounds; outputs of the two fxpsweep runs equal: {same}.\n")
     print("| configuration | ms a batch | images/s | x float32 |\n|---|---:|---:|---:|")
-    reference = best["float32, folded, channels-last"]
-    for name, ms in best.items():
-        print(f"| {name} | {ms:.0f} | {args.batch / ms * 1e3:.1f} | {reference / ms:.2f} |")
-
+    reference = per_second["float32, folded, channels-last"]
+    for name, ips in per_second.items():
+        print(f"| {name} | {args.batch / ips * 1e3:.0f} | {ips:.1f} | {ips / reference:.2f} |")
 
 if __name__ == "__main__":
     main()
