@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import integer_reference as ref
-from fxpsweep.engine import fused
+from fxpsweep.engine import fused, rounding_loop
 from fxpsweep.engine.fixedpoint import QFormat
 from fxpsweep.engine.fused import Rounder, byte_pieces, combine
 
@@ -31,15 +31,17 @@ def scaled_values(dtype: torch.dtype, n: int = 1 << 16) -> torch.Tensor:
 def test_compiled_rounding_equals_eager_and_the_reference(rounding: str, overflow: str, dtype: torch.dtype, monkeypatch) -> None:
     v = scaled_values(dtype)
     fmt = QFormat(9, 0, rounding, overflow)
+    # The compiled pass, not rounding_loop's loops (which take the default rule on the CPU: test_rounding_loop.py).
+    monkeypatch.setattr(rounding_loop, "supports", lambda *tensors: False)
     for clamp in (None, (0, 40)):  # a ReLU6-like reader: codes 0..40
         compiled = Rounder(fmt, torch.float32, clamp=clamp).round(v.clone())
         over_v = v.clone()  # written over where it is of the codes' dtype (float32)
         in_place = Rounder(fmt, torch.float32, clamp=clamp).round(over_v, in_place=True)
         assert (in_place[0].data_ptr() == over_v.data_ptr()) == (dtype == torch.float32)
-        monkeypatch.setattr(fused, "COMPILE_MIN_ELEMENTS", 1 << 40)  # everything eager
-        eager = Rounder(fmt, torch.float32, clamp=clamp).round(v.clone())
-        eager_in_place = Rounder(fmt, torch.float32, clamp=clamp).round(v.clone(), in_place=True)
-        monkeypatch.undo()
+        with monkeypatch.context() as eager_only:
+            eager_only.setattr(fused, "COMPILE_MIN_ELEMENTS", 1 << 40)  # everything eager
+            eager = Rounder(fmt, torch.float32, clamp=clamp).round(v.clone())
+            eager_in_place = Rounder(fmt, torch.float32, clamp=clamp).round(v.clone(), in_place=True)
         assert torch.equal(compiled[0], eager[0]) and compiled[1] == eager[1]
         assert all(torch.equal(c[0], eager[0]) and c[1] == eager[1] for c in (in_place, eager_in_place))
         sample = slice(None, None, 16)  # the reference is slow: every 16th value (all kinds are interleaved)

@@ -8,6 +8,11 @@ compiled functions run the same torch operations as the eager ones
 comparisons, clamps and conversions of integers are exact), so the codes are
 identical; ``tests/test_fused.py`` checks it.
 
+On the CPU, the default rule (round half to even, saturate) of a register
+and of a residual add runs instead as ``rounding_loop``'s hand-written loops,
+which count overflows in the loop that stores the codes; torch.compile's CPU
+code reads the register twice for that.
+
 Tensors below ``COMPILE_MIN_ELEMENTS`` (a small network's registers) and
 stochastic rounding (drawn from a generator) stay eager, and so does
 everything when compiling is impossible (no C++ compiler on the machine): a
@@ -21,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 
+from fxpsweep.engine import rounding_loop
 from fxpsweep.engine.fixedpoint import QFormat, apply_overflow, round_to_integer
 
 log = logging.getLogger(__name__)
@@ -163,6 +169,9 @@ class Rounder:
         """
         if self.fmt.rounding == "stochastic":
             return self._stochastic(v)
+        if rounding_loop.supports(self.fmt, v):  # one read, not two: see rounding_loop
+            out = v if in_place and v.dtype == self.dtype else torch.empty_like(v, dtype=self.dtype)
+            return out, rounding_loop.round_into(v, out, self.fmt, self.clamp)
         if in_place and v.dtype == self.dtype:
             return v, int(_ROUND_INTO(v, *self._bounds(v), *self.args))
         codes, overflowed = _ROUND(v, *self._bounds(v), *self.args)
@@ -179,6 +188,9 @@ class Rounder:
         """``round(a * scale_a + b * scale_b)``, powers of two, summed exactly in ``a``'s dtype."""
         if self.fmt.rounding == "stochastic":
             return self._stochastic(a * scale_a + b.to(a.dtype) * scale_b)
+        if rounding_loop.supports(self.fmt, a, b):
+            out = torch.empty_like(a, dtype=self.dtype)
+            return out, rounding_loop.add_round_into(a, scale_a, b, scale_b, out, self.fmt, self.clamp)
         scales = (torch.tensor(scale_a, dtype=a.dtype, device=a.device), torch.tensor(scale_b, dtype=a.dtype, device=a.device))
         codes, overflowed = _ADD_ROUND(a, b, *scales, *self._bounds(a), *self.args)
         return codes, int(overflowed)

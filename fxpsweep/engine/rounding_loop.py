@@ -1,0 +1,135 @@
+"""A register's rounding pass as one hand-written loop (numba): round, count overflows, clamp, store.
+
+torch.compile's CPU code generator writes a count over a whole tensor as a
+loop of its own, before the loop that stores the codes, so its pass reads the
+register twice and counting costs more than rounding (``bench/rounding_pass.py``:
+on MobileNetV2's largest register 14 ms against 5 ms without the count). These
+loops do the four steps per value in one read and one write, and LLVM
+vectorizes them: one for a register (``round_into``, over itself or into a
+new tensor) and one for a residual add (``add_round_into``). They cover the
+default rule, round half to even with saturation, on dense float32 and
+float64 CPU tensors (``supports``); every other case stays on ``fused``'s
+compiled pass.
+
+Exact: ``np.rint`` is IEEE round half to even, as ``torch.round``;
+comparisons and selects are exact, and NaN stays NaN as in ``torch.clamp``.
+The count is a float32 sum per piece of ``PIECE`` values (at most 2**16, so
+exact), its additions reassociated (fastmath ``reassoc``) so that it
+vectorizes; an integer sum does not, and costs as much as the second read it
+replaces. The only other float addition, an add's two aligned operands, is
+exact by its caller's bound, so no order of evaluation can change it.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from fxpsweep.engine.fixedpoint import QFormat
+
+PIECE = 1 << 16  # values per piece: the unit of work of a thread, and the float32 count stays below 2**24
+
+
+@numba.njit(inline="always")
+def _code(k, low, high, clamp_low, clamp_high):  # pragma: no cover (compiled)
+    """The code of the integer ``k`` clamped to [clamp_low, clamp_high], and 1.0 where ``k`` is outside
+    [low, high] (else 0.0): selects, not min/max, so NaN passes through."""
+    overflowed = np.float32(1) if (k < low) | (k > high) else np.float32(0)
+    k = clamp_low if k < clamp_low else k
+    return (clamp_high if k > clamp_high else k), overflowed
+
+
+# Three loops, not one with an output that may be its input: LLVM vectorizes a loop over two arrays only
+# after a run-time check that they do not overlap, and runs a register rounded over itself one value at a time.
+@numba.njit(boundscheck=False, fastmath={"reassoc"}, cache=True)
+def _round_over(v, low, high, clamp_low, clamp_high):  # pragma: no cover (compiled)
+    count = np.float32(0)
+    for i in range(v.size):
+        v[i], overflowed = _code(np.rint(v[i]), low, high, clamp_low, clamp_high)
+        count += overflowed
+    return count
+
+
+@numba.njit(boundscheck=False, fastmath={"reassoc"}, cache=True)
+def _round_into(v, out, low, high, clamp_low, clamp_high):  # pragma: no cover (compiled)
+    count = np.float32(0)
+    for i in range(v.size):
+        out[i], overflowed = _code(np.rint(v[i]), low, high, clamp_low, clamp_high)
+        count += overflowed
+    return count
+
+
+@numba.njit(boundscheck=False, fastmath={"reassoc"}, cache=True)
+def _add_round_into(a, scale_a, b, scale_b, out, low, high, clamp_low, clamp_high):  # pragma: no cover
+    count = np.float32(0)
+    for i in range(a.size):
+        out[i], overflowed = _code(np.rint(a[i] * scale_a + b[i] * scale_b), low, high, clamp_low, clamp_high)
+        count += overflowed
+    return count
+
+
+@numba.njit(parallel=True, boundscheck=False, cache=True)
+def _in_pieces(a, scale_a, b, scale_b, out, low, high, clamp_low, clamp_high, loop):  # pragma: no cover
+    """One of the loops over 1-D arrays in pieces of ``PIECE`` values, shared among numba's threads; the
+    overflow count. ``loop``: 0 rounds ``a`` over itself, 1 rounds ``a`` into ``out``, 2 rounds
+    ``a * scale_a + b * scale_b`` into ``out`` (arguments a loop does not read are ignored)."""
+    counts = np.zeros((a.size + PIECE - 1) // PIECE, np.int64)
+    for p in numba.prange(counts.size):
+        s = slice(p * PIECE, min(a.size, (p + 1) * PIECE))
+        if loop == 0:
+            counts[p] = np.int64(_round_over(a[s], low, high, clamp_low, clamp_high))
+        elif loop == 1:
+            counts[p] = np.int64(_round_into(a[s], out[s], low, high, clamp_low, clamp_high))
+        else:
+            counts[p] = np.int64(_add_round_into(a[s], scale_a, b[s], scale_b, out[s], low, high, clamp_low, clamp_high))
+    return counts.sum()
+
+
+def supports(fmt: QFormat, *inputs: torch.Tensor) -> bool:
+    """Whether these loops can round ``inputs`` (one, or the two operands of an add) into ``fmt``: the
+    format rounds half to even and saturates; the inputs are dense float32/float64 CPU tensors of one shape
+    and memory order, so that one flat index walks them and an output made by ``torch.empty_like`` alike."""
+    first = inputs[0]
+    return (
+        fmt.rounding == "nearest_even"
+        and fmt.overflow == "saturate"
+        and first.numel() > 0
+        and (first.is_contiguous() or first.is_contiguous(memory_format=torch.channels_last))
+        and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in inputs)
+        and all(t.shape == first.shape and t.stride() == first.stride() for t in inputs)
+    )
+
+
+def _flat(v: torch.Tensor) -> np.ndarray:
+    """The values of a dense tensor in memory order, as a NumPy view."""
+    return v.detach().as_strided((v.numel(),), (1,)).numpy()
+
+
+def _run(loop: int, fmt: QFormat, clamp: tuple[int, int], a: torch.Tensor, out: torch.Tensor,
+         scale_a: float = 1.0, b: torch.Tensor | None = None, scale_b: float = 0.0) -> int:
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)  # torch's setting rules both
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
+    work, cast = _flat(a).dtype.type, _flat(out).dtype.type
+    bounds = (cast(fmt.min_code), cast(fmt.max_code), cast(clamp[0]), cast(clamp[1]))
+    flat_a = _flat(a)
+    flat_b = flat_a if b is None else _flat(b)
+    return int(_in_pieces(flat_a, work(scale_a), flat_b, work(scale_b), _flat(out), *bounds, loop))
+
+
+def round_into(v: torch.Tensor, out: torch.Tensor, fmt: QFormat, clamp: tuple[int, int]) -> int:
+    """Write the codes of ``v`` (real values times ``2**F``) in ``fmt`` into ``out`` (may be ``v``),
+    clamped to ``clamp`` (codes within the format's range: a ReLU or ReLU6 that reads the register);
+    return how many values fell outside the format's range, counted before the clamp.
+    ``supports(fmt, v)`` must hold, and ``out`` be ``v`` or have its shape and strides (``torch.empty_like``)."""
+    return _run(0 if out is v else 1, fmt, clamp, v, out)
+
+
+def add_round_into(
+    a: torch.Tensor, scale_a: float, b: torch.Tensor, scale_b: float, out: torch.Tensor, fmt: QFormat, clamp: tuple[int, int]
+) -> int:
+    """``round_into`` of ``a * scale_a + b * scale_b``: powers of two, the sum exact in ``a``'s dtype (the
+    caller's bound), so that computing it in the wider of the two dtypes gives the same codes.
+    ``supports(fmt, a, b)`` must hold, and ``out`` be a new tensor of ``a``'s shape and strides."""
+    return _run(2, fmt, clamp, a, out, scale_a, b, scale_b)

@@ -1,0 +1,109 @@
+"""The hand-written rounding loops (numba) give the integer reference's codes and overflow counts."""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import pytest
+import torch
+
+import integer_reference as ref
+from fxpsweep.engine import fused, rounding_loop
+from fxpsweep.engine.fixedpoint import QFormat
+from fxpsweep.engine.fused import Rounder
+
+FORMAT = QFormat(9, 0)  # codes -256..255, round half to even, saturate
+
+
+def scaled_values(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Values times 2**F: ties (k + 1/2), near-ties, integers, -0.0, out of range on both sides."""
+    g = torch.Generator().manual_seed(3)
+    ties = torch.randint(-400, 400, (n // 4,), generator=g).double() + 0.5
+    near = ties + torch.tensor([2e-6, -2e-6]).repeat(n // 8)
+    spread = (torch.rand(n - n // 4 - 2 * (n // 8) - 3, generator=g, dtype=torch.float64) - 0.5) * 900
+    values = torch.cat([ties, near, spread, torch.tensor([-0.0, -0.3, 255.5])]).to(dtype)
+    return values[torch.randperm(n, generator=g)]
+
+
+def reference(values: torch.Tensor, clamp: tuple[int, int]) -> tuple[np.ndarray, int]:
+    """Codes (clamped) and the overflow count, one value at a time in exact rational arithmetic."""
+    rounded = [ref.round_fraction(ref.Fraction(x), "nearest_even") for x in values.reshape(-1).tolist()]
+    overflowed = sum(not FORMAT.min_code <= k <= FORMAT.max_code for k in rounded)
+    codes = np.clip([ref.overflow_int(k, FORMAT.total_bits, "saturate") for k in rounded], *clamp)
+    return codes, overflowed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("clamp", [(FORMAT.min_code, FORMAT.max_code), (0, 40)])
+def test_the_loop_gives_the_reference_codes_and_count(dtype: torch.dtype, layout: str, clamp: tuple[int, int]) -> None:
+    # 4 x 8 x 65 x 65 = 135 200 values: more than two pieces, the last one short
+    v = scaled_values(4 * 8 * 65 * 65, dtype).reshape(4, 8, 65, 65)
+    if layout == "channels_last":
+        v = v.to(memory_format=torch.channels_last)
+    assert v.numel() > 2 * rounding_loop.PIECE and rounding_loop.supports(FORMAT, v)
+    expected, expected_overflows = reference(v, clamp)
+    into = torch.empty_like(v, dtype=torch.float32)  # a new tensor of the codes' dtype (from float64: narrower)
+    assert rounding_loop.round_into(v, into, FORMAT, clamp) == expected_overflows > 0
+    np.testing.assert_array_equal(into.reshape(-1).numpy().astype(np.int64), expected)
+    overflowed = rounding_loop.round_into(v, v, FORMAT, clamp)  # over itself
+    assert overflowed == expected_overflows and v.dtype == dtype
+    np.testing.assert_array_equal(v.reshape(-1).numpy().astype(np.int64), expected)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float64, torch.float32), (torch.float32, torch.float64)])
+def test_the_add_loop_gives_the_reference_codes_and_count(dtypes: tuple[torch.dtype, torch.dtype]) -> None:
+    g = torch.Generator().manual_seed(4)
+    shape = (4, 8, 65, 65)
+    a = torch.randint(-2**10, 2**10, shape, generator=g).to(dtypes[0]).contiguous(memory_format=torch.channels_last)
+    b = torch.randint(-2**12, 2**12, shape, generator=g).to(dtypes[1]).contiguous(memory_format=torch.channels_last)
+    scale_a, scale_b = 0.25, 2.0**-5  # a with 2 more fractional bits than the output, b with 5: ties and overflows
+    assert rounding_loop.supports(FORMAT, a, b)
+    out = torch.empty_like(a, dtype=torch.float32)
+    overflowed = rounding_loop.add_round_into(a, scale_a, b, scale_b, out, FORMAT, (0, 200))
+    exact = [ref.Fraction(int(x)) * ref.Fraction(scale_a) + ref.Fraction(int(y)) * ref.Fraction(scale_b)
+             for x, y in zip(a.permute(0, 2, 3, 1).reshape(-1).tolist(), b.permute(0, 2, 3, 1).reshape(-1).tolist())]
+    rounded = [ref.round_fraction(e, "nearest_even") for e in exact]
+    np.testing.assert_array_equal(out.permute(0, 2, 3, 1).reshape(-1).numpy().astype(np.int64), np.clip(rounded, 0, 200))
+    assert overflowed == sum(not FORMAT.min_code <= k <= FORMAT.max_code for k in rounded) > 0
+
+
+def test_non_finite_values_behave_as_in_the_compiled_pass() -> None:
+    v = torch.tensor([math.inf, -math.inf, math.nan, 3.5, -700.0] * 20, dtype=torch.float32)
+    compiled = v.clone()
+    overflowed = rounding_loop.round_into(v, v, FORMAT, (0, 40))
+    expected = fused._round_overflow_into(compiled, *Rounder(FORMAT, torch.float32, clamp=(0, 40))._bounds(compiled),
+                                          "nearest_even", "saturate", 9, torch.float32)
+    assert torch.equal(v.isnan(), compiled.isnan()) and torch.equal(v.nan_to_num(), compiled.nan_to_num())
+    assert overflowed == int(expected) == 60  # inf, -inf and -700 overflow; NaN is not counted
+
+
+def test_the_rounder_uses_the_loop_only_where_it_applies(monkeypatch) -> None:
+    calls, supports = [], rounding_loop.supports
+    real = rounding_loop.round_into
+    monkeypatch.setattr(rounding_loop, "round_into", lambda *args: calls.append(args) or real(*args))
+    v = scaled_values(1 << 12, torch.float32)
+    for fmt, uses_loop in [(FORMAT, True), (QFormat(9, 0, overflow="wrap"), False), (QFormat(9, 0, rounding="floor"), False)]:
+        calls.clear()
+        codes, overflowed = Rounder(fmt, torch.float32).round(v.clone(), in_place=True)
+        monkeypatch.setattr(rounding_loop, "supports", lambda *args: False)  # the compiled pass
+        compiled, compiled_overflowed = Rounder(fmt, torch.float32).round(v.clone(), in_place=True)
+        monkeypatch.setattr(rounding_loop, "supports", supports)
+        assert torch.equal(codes, compiled) and overflowed == compiled_overflowed > 0
+        assert bool(calls) == uses_loop
+    assert not supports(FORMAT, v.reshape(64, 64).t()[::2])  # not dense
+    assert not supports(FORMAT, v.to(torch.int32))
+    assert not supports(FORMAT, v.reshape(64, 64), v.reshape(64, 64).t().contiguous().t())  # memory orders differ
+
+
+def test_the_loop_runs_on_torchs_thread_count() -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        v = scaled_values(1 << 17, torch.float32)
+        rounding_loop.round_into(v, v, FORMAT, (FORMAT.min_code, FORMAT.max_code))
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
