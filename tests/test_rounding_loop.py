@@ -48,6 +48,9 @@ def test_the_loop_gives_the_reference_codes_and_count(dtype: torch.dtype, layout
     into = torch.empty_like(v, dtype=torch.float32)  # a new tensor of the codes' dtype (from float64: narrower)
     assert rounding_loop.round_into(v, into, FORMAT, clamp) == expected_overflows > 0
     np.testing.assert_array_equal(into.reshape(-1).numpy().astype(np.int64), expected)
+    halved, expected_halved = torch.empty_like(into), reference(v * 0.5, clamp)  # a scale: the network input
+    assert rounding_loop.round_into(v, halved, FORMAT, clamp, scale=0.5) == expected_halved[1]
+    np.testing.assert_array_equal(halved.reshape(-1).numpy().astype(np.int64), expected_halved[0])
     overflowed = rounding_loop.round_into(v, v, FORMAT, clamp)  # over itself
     assert overflowed == expected_overflows and v.dtype == dtype
     np.testing.assert_array_equal(v.reshape(-1).numpy().astype(np.int64), expected)

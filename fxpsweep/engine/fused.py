@@ -8,8 +8,8 @@ compiled functions run the same torch operations as the eager ones
 comparisons, clamps and conversions of integers are exact), so the codes are
 identical; ``tests/test_fused.py`` checks it.
 
-On the CPU, the default rule (round half to even, saturate) of a register
-and of a residual add runs instead as ``rounding_loop``'s hand-written loops,
+On the CPU, the default rule (round half to even, saturate) of a register,
+of the network input and of a residual add runs instead as ``rounding_loop``'s hand-written loops,
 which count overflows in the loop that stores the codes; torch.compile's CPU
 code reads the register twice for that.
 
@@ -181,6 +181,9 @@ class Rounder:
         """``round(x * scale)`` for a power of two ``scale`` (the network input)."""
         if self.fmt.rounding == "stochastic":
             return self._stochastic(x * scale)
+        if rounding_loop.supports(self.fmt, x):
+            out = torch.empty_like(x, dtype=self.dtype)
+            return out, rounding_loop.round_into(x, out, self.fmt, self.clamp, scale)
         codes, overflowed = _SCALE_ROUND(x, torch.tensor(scale, dtype=x.dtype, device=x.device), *self._bounds(x), *self.args)
         return codes, int(overflowed)
 

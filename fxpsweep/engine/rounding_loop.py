@@ -5,8 +5,9 @@ loop of its own, before the loop that stores the codes, so its pass reads the
 register twice and counting costs more than rounding (``bench/rounding_pass.py``:
 on MobileNetV2's largest register 14 ms against 5 ms without the count). These
 loops do the four steps per value in one read and one write, and LLVM
-vectorizes them: one for a register (``round_into``, over itself or into a
-new tensor) and one for a residual add (``add_round_into``). They cover the
+vectorizes them: one for a register or the network input (``round_into``,
+over itself or into a new tensor) and one for a residual add
+(``add_round_into``). They cover the
 default rule, round half to even with saturation, on dense float32 and
 float64 CPU tensors (``supports``); every other case stays on ``fused``'s
 compiled pass.
@@ -43,19 +44,19 @@ def _code(k, low, high, clamp_low, clamp_high):  # pragma: no cover (compiled)
 # Three loops, not one with an output that may be its input: LLVM vectorizes a loop over two arrays only
 # after a run-time check that they do not overlap, and runs a register rounded over itself one value at a time.
 @numba.njit(boundscheck=False, fastmath={"reassoc"}, cache=True)
-def _round_over(v, low, high, clamp_low, clamp_high):  # pragma: no cover (compiled)
+def _round_over(v, scale, low, high, clamp_low, clamp_high):  # pragma: no cover (compiled)
     count = np.float32(0)
     for i in range(v.size):
-        v[i], overflowed = _code(np.rint(v[i]), low, high, clamp_low, clamp_high)
+        v[i], overflowed = _code(np.rint(v[i] * scale), low, high, clamp_low, clamp_high)
         count += overflowed
     return count
 
 
 @numba.njit(boundscheck=False, fastmath={"reassoc"}, cache=True)
-def _round_into(v, out, low, high, clamp_low, clamp_high):  # pragma: no cover (compiled)
+def _round_into(v, scale, out, low, high, clamp_low, clamp_high):  # pragma: no cover (compiled)
     count = np.float32(0)
     for i in range(v.size):
-        out[i], overflowed = _code(np.rint(v[i]), low, high, clamp_low, clamp_high)
+        out[i], overflowed = _code(np.rint(v[i] * scale), low, high, clamp_low, clamp_high)
         count += overflowed
     return count
 
@@ -72,15 +73,15 @@ def _add_round_into(a, scale_a, b, scale_b, out, low, high, clamp_low, clamp_hig
 @numba.njit(parallel=True, boundscheck=False, cache=True)
 def _in_pieces(a, scale_a, b, scale_b, out, low, high, clamp_low, clamp_high, loop):  # pragma: no cover
     """One of the loops over 1-D arrays in pieces of ``PIECE`` values, shared among numba's threads; the
-    overflow count. ``loop``: 0 rounds ``a`` over itself, 1 rounds ``a`` into ``out``, 2 rounds
-    ``a * scale_a + b * scale_b`` into ``out`` (arguments a loop does not read are ignored)."""
+    overflow count. ``loop``: 0 rounds ``a * scale_a`` over ``a``, 1 rounds ``a * scale_a`` into ``out``,
+    2 rounds ``a * scale_a + b * scale_b`` into ``out`` (arguments a loop does not read are ignored)."""
     counts = np.zeros((a.size + PIECE - 1) // PIECE, np.int64)
     for p in numba.prange(counts.size):
         s = slice(p * PIECE, min(a.size, (p + 1) * PIECE))
         if loop == 0:
-            counts[p] = np.int64(_round_over(a[s], low, high, clamp_low, clamp_high))
+            counts[p] = np.int64(_round_over(a[s], scale_a, low, high, clamp_low, clamp_high))
         elif loop == 1:
-            counts[p] = np.int64(_round_into(a[s], out[s], low, high, clamp_low, clamp_high))
+            counts[p] = np.int64(_round_into(a[s], scale_a, out[s], low, high, clamp_low, clamp_high))
         else:
             counts[p] = np.int64(_add_round_into(a[s], scale_a, b[s], scale_b, out[s], low, high, clamp_low, clamp_high))
     return counts.sum()
@@ -108,22 +109,25 @@ def _flat(v: torch.Tensor) -> np.ndarray:
 
 def _run(loop: int, fmt: QFormat, clamp: tuple[int, int], a: torch.Tensor, out: torch.Tensor,
          scale_a: float = 1.0, b: torch.Tensor | None = None, scale_b: float = 0.0) -> int:
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)  # torch's setting rules both
+    """``_in_pieces`` on the tensors' memory, the scales in ``a``'s dtype (the working one), the bounds in
+    ``out``'s (the codes'), on torch's number of threads."""
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if numba.get_num_threads() != threads:
         numba.set_num_threads(threads)
-    work, cast = _flat(a).dtype.type, _flat(out).dtype.type
-    bounds = (cast(fmt.min_code), cast(fmt.max_code), cast(clamp[0]), cast(clamp[1]))
-    flat_a = _flat(a)
+    flat_a, flat_out = _flat(a), _flat(out)
     flat_b = flat_a if b is None else _flat(b)
-    return int(_in_pieces(flat_a, work(scale_a), flat_b, work(scale_b), _flat(out), *bounds, loop))
+    work, cast = flat_a.dtype.type, flat_out.dtype.type
+    bounds = (cast(fmt.min_code), cast(fmt.max_code), cast(clamp[0]), cast(clamp[1]))
+    return int(_in_pieces(flat_a, work(scale_a), flat_b, work(scale_b), flat_out, *bounds, loop))
 
 
-def round_into(v: torch.Tensor, out: torch.Tensor, fmt: QFormat, clamp: tuple[int, int]) -> int:
-    """Write the codes of ``v`` (real values times ``2**F``) in ``fmt`` into ``out`` (may be ``v``),
-    clamped to ``clamp`` (codes within the format's range: a ReLU or ReLU6 that reads the register);
-    return how many values fell outside the format's range, counted before the clamp.
-    ``supports(fmt, v)`` must hold, and ``out`` be ``v`` or have its shape and strides (``torch.empty_like``)."""
-    return _run(0 if out is v else 1, fmt, clamp, v, out)
+def round_into(v: torch.Tensor, out: torch.Tensor, fmt: QFormat, clamp: tuple[int, int], scale: float = 1.0) -> int:
+    """Write the codes of ``v * scale`` (real values times ``2**F``; ``scale`` a power of two, exact) in
+    ``fmt`` into ``out`` (may be ``v``), clamped to ``clamp`` (codes within the format's range: a ReLU or
+    ReLU6 that reads the register); return how many values fell outside the format's range, counted
+    before the clamp. ``supports(fmt, v)`` must hold, and ``out`` be ``v`` or have its shape and strides
+    (``torch.empty_like``)."""
+    return _run(0 if out is v else 1, fmt, clamp, v, out, scale)
 
 
 def add_round_into(
