@@ -1,22 +1,23 @@
-"""What a register's rounding pass costs, and how much of it is the overflow count: a bound on the engine's speed.
+"""What a register's rounding pass costs, loop against compiled pass: the overflow count that bounded the engine.
 
     python bench/rounding_pass.py [--model mobilenet_v2] [--bits 8] [--arithmetic exact] [--batch 32] [--threads 2]
 
-Every register's codes come out of one compiled pass (``fused.Rounder``):
-round, count the values outside the format, clamp, store. torch.compile's CPU
-code generator writes a reduction over the whole tensor as a loop of its own,
-before the loop that stores the codes, so the pass reads the register twice
-and the count costs more than the rest of the pass.
+Every register's codes come out of one pass: round, count the values outside
+the format, clamp, store. The engine runs it as a hand-written loop
+(``fxpsweep/engine/rounding_loop.py``, numba) where the format allows, and
+otherwise as a torch.compile'd pass (``fused.py``), whose CPU code generator
+writes the count as a loop of its own before the loop that stores the codes,
+so that pass reads the register twice.
 
 Part 1, on the largest register of the model (its real values, captured
-during a forward pass): the engine's pass, the same compiled pass without the
-count, a float32 ReLU6 (``clamp_``, what float32 inference spends on that
-register) and one read (``sum``); each on a fresh copy of the register, whose
-time is given and subtracted. Part 2: images/s of float32 (BatchNorm folded,
-channels-last, the baseline of ``throughput.py``), of the network, and of the
-same network with the count left out of its in-place rounding passes (the
-codes are checked equal; the counts are not kept), timed in turn, best of five
-rounds: how fast the engine would be if counting overflows cost nothing.
+during a forward pass): the loop, the compiled pass, the same compiled pass
+without the count, a float32 ReLU6 (``clamp_``, what float32 inference spends
+on that register) and one read (``sum``); each on a fresh copy of the
+register, whose time is given and subtracted. Part 2: images/s of float32
+(BatchNorm folded, channels-last, the baseline of ``throughput.py``), of the
+network as the engine runs it (the loops), of the same network on the
+compiled passes, and on the compiled passes without the count (codes checked
+equal; counts not kept), timed in turn, best of five rounds.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ import torch
 from throughput import INPUT_SIZE, ChannelsLast, best_images_per_second, fxpsweep_network, random_model
 from torch.fx.experimental.optimization import fuse
 
-from fxpsweep.engine import fused
-from fxpsweep.engine.fixedpoint import round_to_integer
+from fxpsweep.engine import fused, rounding_loop
+from fxpsweep.engine.fixedpoint import QFormat, round_to_integer
 from fxpsweep.engine.kernel_choice import processor_name
 
 
@@ -46,6 +47,12 @@ COUNTED = fused._ROUND_INTO
 UNCOUNTED = fused._Fused(_round_into_uncounted)
 
 
+def loop_pass(v, lo, hi, clamp_lo, clamp_hi, rounding, overflow, total_bits, dtype):
+    """The engine's loop, called as the compiled pass is (same arguments)."""
+    fmt = QFormat(total_bits, 0, rounding, overflow)
+    return rounding_loop.round_into(v, v, fmt, (int(clamp_lo), int(clamp_hi)))
+
+
 def best_ms(run: Callable[[], object], rounds: int = 7) -> float:
     seconds = math.inf
     for _ in range(rounds):
@@ -56,13 +63,20 @@ def best_ms(run: Callable[[], object], rounds: int = 7) -> float:
 
 
 @contextlib.contextmanager
-def in_place_rounding(fn: Callable) -> Iterator[None]:
-    """The engine's in-place rounding pass replaced by ``fn`` (same arguments) while the block runs."""
+def compiled_rounding(fn: Callable | None) -> Iterator[None]:
+    """While the block runs, every in-place rounding pass is ``fn`` (the compiled pass's arguments), the
+    loop left out; ``None``: the engine as it is."""
+    if fn is None:
+        yield
+        return
     fused._ROUND_INTO = fn
+    supports = rounding_loop.supports
+    rounding_loop.supports = lambda *args: False
     try:
         yield
     finally:
         fused._ROUND_INTO = COUNTED
+        rounding_loop.supports = supports
 
 
 def largest_register(net: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, tuple]:
@@ -74,7 +88,7 @@ def largest_register(net: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.T
             seen["v"] = (v.clone(), args)
         return COUNTED(v, *args)
 
-    with in_place_rounding(spy), torch.no_grad():
+    with compiled_rounding(spy), torch.no_grad():
         net(batch)
     return seen["v"]
 
@@ -84,7 +98,8 @@ def pass_costs(register: torch.Tensor, args: tuple) -> list[tuple[str, float]]:
     work = register.clone()
     fresh = lambda: work.copy_(register)  # noqa: E731
     passes = {
-        "engine's pass: round, count, clamp (compiled)": lambda: COUNTED(fresh(), *args),
+        "engine's loop: round, count, clamp (numba)": lambda: loop_pass(fresh(), *args),
+        "compiled pass: round, count, clamp (torch.compile)": lambda: COUNTED(fresh(), *args),
         "the same without the count (compiled)": lambda: UNCOUNTED(fresh(), *args),
         "float32 ReLU6 (clamp_, eager)": lambda: fresh().clamp_(0, 6),
         "one read (sum, eager)": lambda: fresh().sum(),
@@ -119,21 +134,23 @@ def main() -> None:
     for what, ms in pass_costs(register, pass_args):
         print(f"| {what} | {ms:.1f} |")
 
-    def network(rounding: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+    def network(rounding: Callable | None) -> Callable[[torch.Tensor], torch.Tensor]:
         def run(x: torch.Tensor) -> torch.Tensor:
-            with in_place_rounding(rounding):
+            with compiled_rounding(rounding):
                 return net(x)
         return run
 
     configurations = {
         "float32, folded, channels-last": baseline,
-        "fxpsweep (overflows counted)": network(COUNTED),
-        "fxpsweep, overflow count left out": network(UNCOUNTED),
+        "fxpsweep (the loops)": network(None),
+        "fxpsweep on compiled passes": network(COUNTED),
+        "fxpsweep on compiled passes, overflow count left out": network(UNCOUNTED),
     }
     with torch.no_grad():
-        same = torch.equal(network(COUNTED)(batch), network(UNCOUNTED)(batch))
+        outputs = [run(batch) for run in list(configurations.values())[1:]]
+    same = all(torch.equal(outputs[0], out) for out in outputs[1:])
     per_second = best_images_per_second(configurations, batch, rounds=5)  # in turn: a disturbance hits all alike
-    print(f"\nPart 2: one batch, best of five rounds; outputs of the two fxpsweep runs equal: {same}.\n")
+    print(f"\nPart 2: one batch, best of five rounds; outputs of the three fxpsweep runs equal: {same}.\n")
     print("| configuration | ms a batch | images/s | x float32 |\n|---|---:|---:|---:|")
     reference = per_second["float32, folded, channels-last"]
     for name, ips in per_second.items():
