@@ -9,9 +9,10 @@ comparisons, clamps and conversions of integers are exact), so the codes are
 identical; ``tests/test_fused.py`` checks it.
 
 On the CPU, the default rule (round half to even, saturate) of a register,
-of the network input and of a residual add runs instead as ``rounding_loop``'s hand-written loops,
-which count overflows in the loop that stores the codes; torch.compile's CPU
-code reads the register twice for that.
+of the network input and of a residual add runs instead as
+``rounding_loop``'s hand-written loops, which count overflows in the loop
+that stores the codes; torch.compile's CPU code reads the register twice
+for that.
 
 Tensors below ``COMPILE_MIN_ELEMENTS`` (a small network's registers) and
 stochastic rounding (drawn from a generator) stay eager, and so does
