@@ -63,12 +63,9 @@ def best_ms(run: Callable[[], object], rounds: int = 7) -> float:
 
 
 @contextlib.contextmanager
-def compiled_rounding(fn: Callable | None) -> Iterator[None]:
-    """While the block runs, every in-place rounding pass is ``fn`` (the compiled pass's arguments), the
-    loop left out; ``None``: the engine as it is."""
-    if fn is None:
-        yield
-        return
+def compiled_rounding(fn: Callable) -> Iterator[None]:
+    """While the block runs, every rounding pass is compiled (the loops left out), the in-place one ``fn``
+    (the compiled pass's arguments)."""
     fused._ROUND_INTO = fn
     supports = rounding_loop.supports
     rounding_loop.supports = lambda *args: False
@@ -134,7 +131,7 @@ def main() -> None:
     for what, ms in pass_costs(register, pass_args):
         print(f"| {what} | {ms:.1f} |")
 
-    def network(rounding: Callable | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    def network(rounding: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
         def run(x: torch.Tensor) -> torch.Tensor:
             with compiled_rounding(rounding):
                 return net(x)
@@ -142,7 +139,7 @@ def main() -> None:
 
     configurations = {
         "float32, folded, channels-last": baseline,
-        "fxpsweep (the loops)": network(None),
+        "fxpsweep (the loops)": net,
         "fxpsweep on compiled passes": network(COUNTED),
         "fxpsweep on compiled passes, overflow count left out": network(UNCOUNTED),
     }
