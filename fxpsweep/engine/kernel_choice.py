@@ -7,7 +7,8 @@ a conv/linear layer sees (of each shape) runs through every kernel that
 of two; a kernel whose first timed call took over three times the best time
 so far is not timed again), as the layer runs it: with the rounding of its
 result (``finish``) where the caller gives one, since a kernel of several
-calls has its terms summed and rounded in one pass. Their outputs must
+calls has its terms summed and rounded in one pass and ``depthwise_loop``
+rounds as it stores. Their outputs must
 agree bit for bit, since all are exact, on that input and on one of extreme
 codes (each the lowest or the highest code the input may hold, where
 intermediate sums of a library's kernel would overflow first): one that
@@ -33,13 +34,13 @@ from typing import Any
 
 import torch
 
-from fxpsweep.engine.kernels import Kernel, Terms
+from fxpsweep.engine.kernels import Kernel
 from fxpsweep.sweep.storage import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 SKIP_SLOWER = 3.0  # a candidate whose warm-up takes this many times the best time is not timed further
-Finish = Callable[[torch.Tensor | Terms], Any]  # a kernel's result -> the layer's codes
+Finish = Callable[[Kernel, torch.Tensor], Any]  # (a kernel, input codes) -> the layer's codes
 _in_memory: dict[str, dict[str, str]] = {}  # machine key -> layer signature -> kernel label
 
 
@@ -80,7 +81,7 @@ class KernelChooser:
 
     def choose(self, candidates: list[Kernel], codes: torch.Tensor, layer_name: str, finish: Finish | None = None) -> Kernel:
         """The fastest of ``candidates`` on ``codes`` (a real input of the layer), from the cache when known;
-        ``finish``: what the layer does with a kernel's ``result`` (timed with it), else the kernel's own sum."""
+        ``finish``: how the layer computes its codes on a kernel (timed so), else the kernel's own ``__call__``."""
         if len(candidates) == 1:
             return candidates[0]
         about = machine(codes.device)
@@ -154,14 +155,14 @@ def extreme_codes(codes: torch.Tensor, low: float, high: float) -> torch.Tensor:
 
 
 def _timed(kernel: Kernel, codes: torch.Tensor, finish: Finish | None = None) -> float:
-    """Seconds of one call of ``kernel`` on ``codes`` (and of ``finish`` of its result)."""
+    """Seconds of one call of ``kernel`` on ``codes`` (of ``finish`` of both where given)."""
     if codes.is_cuda:
         torch.cuda.synchronize(codes.device)
     start = time.perf_counter()
     if finish is None:
         kernel(codes)
     else:
-        finish(kernel.result(codes))
+        finish(kernel, codes)
     if codes.is_cuda:
         torch.cuda.synchronize(codes.device)
     return time.perf_counter() - start

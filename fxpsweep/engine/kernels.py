@@ -61,14 +61,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fxpsweep.engine import depthwise_loop, rounding_loop
 from fxpsweep.engine.fixedpoint import QFormat, apply_overflow, round_to_integer
-from fxpsweep.engine.fused import byte_pieces, combine
+from fxpsweep.engine.fused import Rounder, byte_pieces, combine
 
 FLOAT32_EXACT = 2**24
 FLOAT64_EXACT = 2**53
 INT32_EXACT = 2**31
 PIECE = 2**7  # largest magnitude of an 8-bit piece
 MAX_CALLS = 16  # a kernel that needs more convolutions than this for one layer is not a candidate
+BLOCK_VALUES = 1 << 18  # float64 outputs of one block of a pointwise layer (2 MiB: it stays in the cache)
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,16 @@ class Kernel:
         """``v`` (``acc`` where ``raw``), or the terms that sum to it (``Terms``), left to the caller to sum."""
         raise NotImplementedError
 
+    def rounded(self, codes: torch.Tensor, rounder: Rounder) -> tuple[torch.Tensor, int]:
+        """The layer's output codes of ``codes``, rounded by ``rounder``, and how many overflowed. Terms
+        are summed and rounded in one pass, so their float64 sum is never written to memory; a tensor is
+        a new one, rounded in place."""
+        result = self.result(codes)
+        if isinstance(result, Terms):
+            scale, bias = self.layer.scale_and_bias(result.terms[0].device)
+            return rounder.combine_and_round(result.terms, result.multipliers, result.offset_sums, scale, bias)
+        return rounder.round(result, in_place=True)
+
     @property
     def label(self) -> str:
         """The name, with the number of calls where there are several (``float32x2``)."""
@@ -299,7 +311,12 @@ class Float32Kernel(Kernel):
 
 
 class Float64Kernel(Kernel):
-    """One float64 convolution, scale and bias folded unless ``raw``: exact below ``2**53``."""
+    """One float64 convolution, scale and bias folded unless ``raw``: exact below ``2**53``.
+
+    A pointwise layer (a 1x1 convolution of stride 1, unpadded: one GEMM over the pixels of a channels-last
+    input) is rounded in blocks of ``BLOCK_VALUES`` outputs, each computed and rounded while it is in the
+    cache, so its float64 values never fill memory (MobileNetV2's expansion layers at 16 bits).
+    """
 
     name = "float64"
 
@@ -311,6 +328,9 @@ class Float64Kernel(Kernel):
         # Grouped: NCHW, the order float_dot runs float64 grouped convolutions in (no copy per call).
         self.weight = weight.contiguous() if layer.geometry.groups > 1 else _conv_layout(weight)
         self.bias = None if layer.raw else layer.bias_out.to(device)
+        g = layer.geometry
+        pointwise = not g.is_linear and g.groups == 1 and tuple(weight.shape[2:]) == (1, 1) and g.stride == (1, 1) and not any(g.padding)
+        self.matrix = weight.reshape(weight.shape[0], -1).T.contiguous() if pointwise else None  # (Cin, Cout)
 
     @classmethod
     def applies(cls, layer: DotLayer, device: torch.device) -> bool:
@@ -318,6 +338,8 @@ class Float64Kernel(Kernel):
 
     @property
     def scratch(self) -> float:
+        if self.matrix is not None:
+            return 0.0  # blocks (stochastic rounding, which draws for the whole output at once, excepted)
         # The input and the output in float64, and for a convolution PyTorch's float64 path (no oneDNN)
         # unfolds the input: K * groups float64 values per output position, over Cout outputs.
         layer = self.layer
@@ -326,6 +348,74 @@ class Float64Kernel(Kernel):
 
     def result(self, codes: torch.Tensor) -> torch.Tensor | Terms:
         return float_dot(codes.double(), self.weight, self.layer.geometry, self.bias)
+
+    def rounded(self, codes: torch.Tensor, rounder: Rounder) -> tuple[torch.Tensor, int]:
+        if self.matrix is None or rounder.fmt.rounding == "stochastic" or not codes.is_contiguous(memory_format=torch.channels_last):
+            return super().rounded(codes, rounder)
+        n, cin, h, w = codes.shape
+        cout = self.matrix.shape[1]
+        pixels = codes.permute(0, 2, 3, 1).reshape(-1, cin)  # a view of the channels-last input
+        out = torch.empty((n, cout, h, w), dtype=rounder.dtype, device=codes.device, memory_format=torch.channels_last)
+        out_pixels = out.permute(0, 2, 3, 1).view(-1, cout)
+        step = max(1, BLOCK_VALUES // cout)
+        block = torch.empty((min(step, len(pixels)), cout), dtype=torch.float64, device=codes.device)
+        bias = self.bias if self.bias is not None else torch.zeros(cout, dtype=torch.float64, device=codes.device)
+        overflowed = 0
+        for start in range(0, len(pixels), step):
+            part = pixels[start : start + step]
+            acc = torch.addmm(bias, part.double(), self.matrix, out=block[: len(part)])
+            target = out_pixels[start : start + step]
+            if rounding_loop.supports(rounder.fmt, acc):
+                overflowed += rounding_loop.round_into(acc, target, rounder.fmt, rounder.clamp)
+            else:
+                rounded, count = rounder.round(acc)
+                target.copy_(rounded)
+                overflowed += count
+        return out, overflowed
+
+
+class DepthwiseLoopKernel(Kernel):
+    """A depthwise convolution (each output channel reads its own input channel) as one numba loop in
+    float64 (``depthwise_loop``): exact below ``2**53`` as ``float64``, and for the default rule (round half
+    to even, saturate) it rounds as it stores, so it writes nothing but the output codes."""
+
+    name = "depthwise_loop"
+
+    def __init__(self, layer: DotLayer, device: torch.device) -> None:
+        super().__init__(layer, device)
+        self.weight = layer.weight[:, 0].permute(1, 2, 0).contiguous().numpy()  # (kh, kw, C)
+        scale = torch.ones_like(layer.out_scale) if layer.raw else layer.out_scale
+        bias = torch.zeros_like(layer.bias_out) if layer.raw else layer.bias_out
+        self.scale, self.bias = scale.double().contiguous().numpy(), bias.double().contiguous().numpy()
+
+    @classmethod
+    def applies(cls, layer: DotLayer, device: torch.device) -> bool:
+        g = layer.geometry
+        depthwise = not g.is_linear and layer.weight.shape[1] == 1 and g.groups == layer.out_channels
+        return device.type == "cpu" and depthwise and max(layer.dot_bound(), layer.folded_bound()) < FLOAT64_EXACT
+
+    @property
+    def scratch(self) -> float:
+        return 0.0  # the output only (float64 values where it does not round)
+
+    def _run(self, codes: torch.Tensor, dtype: torch.dtype, rounder: Rounder | None = None) -> tuple[torch.Tensor, int]:
+        g = self.layer.geometry
+        if codes.dtype not in (torch.float32, torch.float64):
+            codes = codes.double()
+        codes = codes.contiguous(memory_format=torch.channels_last)
+        shape = depthwise_loop.output_shape(codes, self.weight.shape[:2], g.stride, g.padding, g.dilation)
+        out = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
+        fmt, clamp = (rounder.fmt, rounder.clamp) if rounder is not None else (None, None)
+        overflowed = depthwise_loop.depthwise_into(codes, self.weight, self.scale, self.bias, g.stride, g.padding, g.dilation, out, fmt, clamp)
+        return out, overflowed
+
+    def result(self, codes: torch.Tensor) -> torch.Tensor | Terms:
+        return self._run(codes, torch.float64)[0]
+
+    def rounded(self, codes: torch.Tensor, rounder: Rounder) -> tuple[torch.Tensor, int]:
+        if not rounding_loop.supports(rounder.fmt, codes):  # another rule: its float64 values, rounded by the Rounder
+            return super().rounded(codes, rounder)
+        return self._run(codes, rounder.dtype, rounder)
 
 
 def signed_digits(w: torch.Tensor, bits: int = 8) -> list[torch.Tensor]:
@@ -615,7 +705,9 @@ class Float32PiecesKernel(Kernel):
 
 
 # The measured kernels, in the order they are tried (ties go to the first).
-EXACT_KERNELS: tuple[type[Kernel], ...] = (OneDNNInt8Kernel, Float32Kernel, Int8MatmulKernel, Float32PiecesKernel, Float64Kernel)
+EXACT_KERNELS: tuple[type[Kernel], ...] = (
+    OneDNNInt8Kernel, Float32Kernel, Int8MatmulKernel, Float32PiecesKernel, DepthwiseLoopKernel, Float64Kernel
+)
 KERNEL_NAMES = tuple(k.name for k in EXACT_KERNELS) + ("sequential",)
 
 

@@ -302,7 +302,7 @@ class FixedDot(FixedOp):
             first = min(self._slice_size(k, codes) for k in self.candidates)
             # Timed as _dot_codes runs it; not with stochastic rounding, whose draws would then depend on
             # whether the choice was cached.
-            finish = self._round_result if self.acc_fmt is None and self.rounder.fmt.rounding != "stochastic" else None
+            finish = self._rounded if self.acc_fmt is None and self.rounder.fmt.rounding != "stochastic" else None
             self.chosen[shape] = self.chooser.choose(self.candidates, codes[:first], self.name, finish)
         return self.chosen[shape]
 
@@ -346,7 +346,7 @@ class FixedDot(FixedOp):
     def _dot_codes(self, kernel: kernels.Kernel, codes: torch.Tensor) -> torch.Tensor:
         """The output codes of ``codes`` on ``kernel``, overflows counted."""
         if self.acc_fmt is None:
-            return self.count(*self._round_result(kernel.result(codes)))
+            return self.count(*self._rounded(kernel, codes))
         # A wrapping accumulator is order-independent: wrap the exact sum once.
         v = kernel(codes)
         self.acc_overflows += int(torch.count_nonzero((v < self.acc_fmt.min_code) | (v > self.acc_fmt.max_code)))
@@ -354,13 +354,9 @@ class FixedDot(FixedOp):
         v = self.layer.output(apply_overflow(v, self.acc_fmt.total_bits, self.acc_fmt.overflow))
         return self.emit(v, in_place=True)
 
-    def _round_result(self, result: torch.Tensor | kernels.Terms) -> tuple[torch.Tensor, int]:
-        """The output codes of a kernel's ``result`` and how many overflowed. Terms are summed and rounded
-        in one pass, so their float64 sum is never written to memory; a tensor is a new one, rounded in place."""
-        if isinstance(result, kernels.Terms):
-            scale, bias = self.layer.scale_and_bias(result.terms[0].device)
-            return self.rounder.combine_and_round(result.terms, result.multipliers, result.offset_sums, scale, bias)
-        return self.rounder.round(result, in_place=True)
+    def _rounded(self, kernel: kernels.Kernel, codes: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The output codes of ``codes`` on ``kernel`` and how many overflowed (``Kernel.rounded``)."""
+        return kernel.rounded(codes, self.rounder)
 
     def reset_counts(self) -> None:
         super().reset_counts()

@@ -33,7 +33,7 @@ PIECE = 1 << 16  # values per piece: the unit of work of a thread, and the float
 
 
 @numba.njit(inline="always")
-def _code(k, low, high, clamp_low, clamp_high):  # pragma: no cover (compiled)
+def clamped_code(k, low, high, clamp_low, clamp_high):  # pragma: no cover (compiled)
     """The code of the integer ``k`` clamped to [clamp_low, clamp_high], and 1.0 where ``k`` is outside
     [low, high] (else 0.0): selects, not min/max, so NaN passes through."""
     overflowed = np.float32(1) if (k < low) | (k > high) else np.float32(0)
@@ -47,7 +47,7 @@ def _code(k, low, high, clamp_low, clamp_high):  # pragma: no cover (compiled)
 def _round_over(v, scale, low, high, clamp_low, clamp_high):  # pragma: no cover (compiled)
     count = np.float32(0)
     for i in range(v.size):
-        v[i], overflowed = _code(np.rint(v[i] * scale), low, high, clamp_low, clamp_high)
+        v[i], overflowed = clamped_code(np.rint(v[i] * scale), low, high, clamp_low, clamp_high)
         count += overflowed
     return count
 
@@ -56,7 +56,7 @@ def _round_over(v, scale, low, high, clamp_low, clamp_high):  # pragma: no cover
 def _round_into(v, scale, out, low, high, clamp_low, clamp_high):  # pragma: no cover (compiled)
     count = np.float32(0)
     for i in range(v.size):
-        out[i], overflowed = _code(np.rint(v[i] * scale), low, high, clamp_low, clamp_high)
+        out[i], overflowed = clamped_code(np.rint(v[i] * scale), low, high, clamp_low, clamp_high)
         count += overflowed
     return count
 
@@ -65,7 +65,7 @@ def _round_into(v, scale, out, low, high, clamp_low, clamp_high):  # pragma: no 
 def _add_round_into(a, scale_a, b, scale_b, out, low, high, clamp_low, clamp_high):  # pragma: no cover
     count = np.float32(0)
     for i in range(a.size):
-        out[i], overflowed = _code(np.rint(a[i] * scale_a + b[i] * scale_b), low, high, clamp_low, clamp_high)
+        out[i], overflowed = clamped_code(np.rint(a[i] * scale_a + b[i] * scale_b), low, high, clamp_low, clamp_high)
         count += overflowed
     return count
 
@@ -111,14 +111,25 @@ def _run(loop: int, fmt: QFormat, clamp: tuple[int, int], a: torch.Tensor, out: 
          scale_a: float = 1.0, b: torch.Tensor | None = None, scale_b: float = 0.0) -> int:
     """``_in_pieces`` on the tensors' memory, the scales in ``a``'s dtype (the working one), the bounds in
     ``out``'s (the codes'), on torch's number of threads."""
+    follow_torch_threads()
+    flat_a, flat_out = _flat(a), _flat(out)
+    flat_b = flat_a if b is None else _flat(b)
+    work = flat_a.dtype.type
+    return int(_in_pieces(flat_a, work(scale_a), flat_b, work(scale_b), flat_out, *code_bounds(fmt, clamp, flat_out.dtype), loop))
+
+
+def follow_torch_threads() -> None:
+    """Run numba's parallel loops on torch's number of threads (numba's default threading layer here, omp,
+    shares torch's OpenMP runtime)."""
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if numba.get_num_threads() != threads:
         numba.set_num_threads(threads)
-    flat_a, flat_out = _flat(a), _flat(out)
-    flat_b = flat_a if b is None else _flat(b)
-    work, cast = flat_a.dtype.type, flat_out.dtype.type
-    bounds = (cast(fmt.min_code), cast(fmt.max_code), cast(clamp[0]), cast(clamp[1]))
-    return int(_in_pieces(flat_a, work(scale_a), flat_b, work(scale_b), flat_out, *bounds, loop))
+
+
+def code_bounds(fmt: QFormat, clamp: tuple[int, int], dtype: np.dtype) -> tuple[np.generic, ...]:
+    """The arguments ``low, high, clamp_low, clamp_high`` of ``clamped_code`` in the codes' NumPy dtype."""
+    cast = np.dtype(dtype).type
+    return cast(fmt.min_code), cast(fmt.max_code), cast(clamp[0]), cast(clamp[1])
 
 
 def round_into(v: torch.Tensor, out: torch.Tensor, fmt: QFormat, clamp: tuple[int, int], scale: float = 1.0) -> int:
