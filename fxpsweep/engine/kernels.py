@@ -363,12 +363,13 @@ class Float64Kernel(Kernel):
         step = max(1, BLOCK_VALUES // cout)
         block = torch.empty((min(step, len(pixels)), cout), dtype=torch.float64, device=codes.device)
         bias = self.bias if self.bias is not None else torch.zeros(cout, dtype=torch.float64, device=codes.device)
+        in_loop = rounding_loop.supports(rounder.fmt, block)  # the same for every block: decided once
         overflowed = 0
         for start in range(0, len(pixels), step):
             part = pixels[start : start + step]
             acc = torch.addmm(bias, part.double(), self.matrix, out=block[: len(part)])
             target = out_pixels[start : start + step]
-            if rounding_loop.supports(rounder.fmt, acc):
+            if in_loop:
                 overflowed += rounding_loop.round_into(acc, target, rounder.fmt, rounder.clamp)
             else:
                 rounded, count = rounder.round(acc)
