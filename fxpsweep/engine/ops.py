@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 from collections.abc import Callable
 
 import torch
@@ -43,6 +44,16 @@ def code_dtype(fmt: QFormat) -> torch.dtype:
     return torch.float32 if fmt.total_bits <= 24 else torch.float64
 
 
+@dataclass
+class RegisterRecord:
+    """What the fixed-point runs wrote to one register (counts since finalize). A plain object, not
+    module attributes: updated at every operation, where ``nn.Module.__setattr__`` costs microseconds."""
+
+    out_numel: int = 0  # values per image, in the last run
+    overflows: int = 0  # values that saturated or wrapped into the register's format
+    values: int = 0  # values written
+
+
 class FixedOp(nn.Module):
     """Base of every operation: float while calibrating, integer codes once finalized."""
 
@@ -60,9 +71,7 @@ class FixedOp(nn.Module):
         self.out_fmt: QFormat | None = None
         self.in_fmts: list[QFormat] = []
         self.inputs_from: list[str] = []  # the operations whose registers this one reads (set at finalize)
-        self.out_numel = 0  # values of the output register per image (set by the last fixed-point run)
-        self.overflows = 0  # values that saturated or wrapped into out_fmt since finalize
-        self.values = 0
+        self.record = RegisterRecord()
         self.generator: torch.Generator | None = None
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -74,8 +83,23 @@ class FixedOp(nn.Module):
                     self.observer.update(self.name + RELU_SUFFIX, torch.relu(out))
             return out.clamp(*self.read_clamp) if self.read_clamp is not None else out
         out = self.fixed_forward(*inputs)
-        self.out_numel = out[0].numel() if out.dim() else 1
+        self.record.out_numel = math.prod(out.shape[1:])
         return out
+
+    @property
+    def out_numel(self) -> int:
+        """Values of the output register per image (of the last fixed-point run)."""
+        return self.record.out_numel
+
+    @property
+    def overflows(self) -> int:
+        """Values that saturated or wrapped into ``out_fmt`` since finalize (or ``reset_counts``)."""
+        return self.record.overflows
+
+    @property
+    def values(self) -> int:
+        """Values written to the output register since finalize (or ``reset_counts``)."""
+        return self.record.values
 
     def float_forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -108,8 +132,9 @@ class FixedOp(nn.Module):
 
     def count(self, codes: torch.Tensor, overflowed: int) -> torch.Tensor:
         """Add ``overflowed`` values of ``codes`` (this operation's output) to its overflow counts."""
-        self.overflows += overflowed
-        self.values += codes.numel()
+        record = self.record
+        record.overflows += overflowed
+        record.values += codes.numel()
         return codes
 
     def emit(self, v: torch.Tensor, in_place: bool = False) -> torch.Tensor:
@@ -123,7 +148,7 @@ class FixedOp(nn.Module):
 
     def reset_counts(self) -> None:
         """Forget the overflows counted so far."""
-        self.overflows = self.values = 0
+        self.record.overflows = self.record.values = 0
 
 
 class FixedInput(FixedOp):
@@ -243,7 +268,7 @@ class FixedDot(FixedOp):
         device = self.module.weight.device
         self.candidates: list[kernels.Kernel] = []
         self.forced: kernels.Kernel | None = None
-        self.chosen: dict[tuple[int, ...], kernels.Kernel] = {}  # by input shape
+        self.plans: dict[tuple[int, ...], tuple[kernels.Kernel, int]] = {}  # by input shape: see _plan
         self.images_by_kernel.clear()
         if self.product_fmt is not None or (self.acc_fmt is not None and self.acc_fmt.overflow == "saturate"):
             # The order of the adds matters: one input position at a time.
@@ -284,6 +309,7 @@ class FixedDot(FixedOp):
     def use(self, kernel: kernels.Kernel) -> None:
         """Run this layer on ``kernel`` from now on, whatever the input."""
         self.forced = kernel
+        self.plans.clear()
 
     def _out_numel_per_image(self, codes: torch.Tensor) -> int:
         if self.geometry.is_linear:
@@ -292,19 +318,22 @@ class FixedDot(FixedOp):
         size = [(codes.shape[2 + i] + 2 * g.padding[i] - g.dilation[i] * (k - 1) - 1) // g.stride[i] + 1 for i, k in enumerate((kh, kw))]
         return self.layer.out_channels * size[0] * size[1]
 
-    def _kernel_for(self, codes: torch.Tensor) -> kernels.Kernel:
-        """The forced kernel, else the fastest on inputs of this shape (timed on the first such input)."""
-        if self.forced is not None:
-            return self.forced
+    def _plan(self, codes: torch.Tensor) -> tuple[kernels.Kernel, int]:
+        """The kernel for inputs of this shape (the forced one, else the fastest, timed on the first such
+        input) and the images per call (``_slice_size``), worked out once per shape: a small network's
+        layers take less time than working them out again."""
         shape = tuple(codes.shape)
-        if shape not in self.chosen:
-            # Timed on as many images as the most sliced candidate runs at once (see fixed_forward).
-            first = min(self._slice_size(k, codes) for k in self.candidates)
-            # Timed as _dot_codes runs it; not with stochastic rounding, whose draws would then depend on
-            # whether the choice was cached.
-            finish = self._rounded if self.acc_fmt is None and self.rounder.fmt.rounding != "stochastic" else None
-            self.chosen[shape] = self.chooser.choose(self.candidates, codes[:first], self.name, finish)
-        return self.chosen[shape]
+        if shape not in self.plans:
+            kernel = self.forced
+            if kernel is None:
+                # Timed on as many images as the most sliced candidate runs at once (see fixed_forward).
+                first = min(self._slice_size(k, codes) for k in self.candidates)
+                # Timed as _dot_codes runs it; not with stochastic rounding, whose draws would then depend on
+                # whether the choice was cached.
+                finish = self._rounded if self.acc_fmt is None and self.rounder.fmt.rounding != "stochastic" else None
+                kernel = self.chooser.choose(self.candidates, codes[:first], self.name, finish)
+            self.plans[shape] = (kernel, self._slice_size(kernel, codes))
+        return self.plans[shape]
 
     def fixed_forward(self, codes: torch.Tensor) -> torch.Tensor:
         if self.sequential:
@@ -317,9 +346,8 @@ class FixedDot(FixedOp):
             self.acc_overflows += a_over
             self.acc_values += adds if self.acc_fmt is not None else 0
             return self.emit(self.layer.output(acc))
-        kernel = self._kernel_for(codes)
+        kernel, step = self._plan(codes)
         self.images_by_kernel[kernel.label] += len(codes)
-        step = self._slice_size(kernel, codes)
         if step >= len(codes):
             return self._dot_codes(kernel, codes)
         # A kernel with large temporaries runs on slices of the batch, so that they stay below
