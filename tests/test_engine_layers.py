@@ -152,6 +152,27 @@ def test_avg_pool_codes_equal_the_reference(seed: int, device) -> None:
     np.testing.assert_array_equal(got, ref.avg_pool(x, rows, cols, fa, wo, fo, rounding, overflow))
 
 
+@pytest.mark.parametrize("window", [(1, 2), (2, 2), (4, 4), (8, 8)])
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("overflow", ["saturate", "wrap"])
+@pytest.mark.parametrize("fa, fo", [(3, 5), (6, 2)])
+def test_power_of_two_pools_equal_the_reference(window, rounding: str, overflow: str, fa: int, fo: int, device) -> None:
+    # Windows of a power-of-two size take a scaling, not the exact division (FixedAvgPool.fixed_forward):
+    # every rule, into an 8-bit output (that overflows where the output F is the finer), and the count of
+    # the values that overflowed.
+    rng = np.random.default_rng(window[0] * 10 + window[1])
+    x = random_codes(rng, (2, 3, 2 * window[0], 2 * window[1]), 12)
+    rows, cols = ref.adaptive_windows(x.shape[2], 2), ref.adaptive_windows(x.shape[3], 2)
+    op = FixedAvgPool("pool", output_size=(2, 2))
+    settings = QuantSettings(param_bits=8, fwd_bits=8, rounding=rounding, overflow=overflow)
+    got = run_op(op, device, settings, QFormat(8, fo, rounding, overflow), [QFormat(12, fa, rounding, overflow)], x)
+    np.testing.assert_array_equal(got, ref.avg_pool(x, rows, cols, fa, 8, fo, rounding, overflow))
+    unbounded = ref.avg_pool(x, rows, cols, fa, 40, fo, rounding, overflow)
+    overflowed = int(((unbounded < -128) | (unbounded > 127)).sum())
+    assert op.overflows == overflowed and (overflowed > 0 or fo < fa)
+    assert op.values == got.size
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_add_and_concat_codes_equal_the_reference(seed: int, device) -> None:
     py, rng = random.Random(seed), np.random.default_rng(seed)
