@@ -485,7 +485,8 @@ class FixedAvgPool(FixedOp):
         shift = self.out_fmt.frac_bits - self.in_fmts[0].frac_bits
         fmt = self.out_fmt
         window = float(divisors.flatten()[0])
-        if fmt.rounding != "stochastic" and math.frexp(window)[0] == 0.5 and bool((divisors == window).all()):
+        power_of_two = math.frexp(window)[0] == 0.5  # window = 0.5 * 2**e
+        if fmt.rounding != "stochastic" and power_of_two and bool((divisors == window).all()):
             # Every window of a power-of-two size (ResNet-20's 8 x 8): the quotient is a power-of-two
             # scaling of the exact sum, so exact, and the register rounds it as it rounds any value; the
             # division below would cost a dozen passes over the output.

@@ -73,20 +73,25 @@ def _add_round_into(a, scale_a, b, scale_b, out, low, high, clamp_low, clamp_hig
     return count
 
 
+@numba.njit(boundscheck=False, cache=True)
+def _one_loop(a, scale_a, b, scale_b, out, low, high, clamp_low, clamp_high, loop):  # pragma: no cover
+    """One of the loops over 1-D arrays, on the calling thread; the overflow count. ``loop``: 0 rounds
+    ``a * scale_a`` over ``a``, 1 rounds ``a * scale_a`` into ``out``, 2 rounds ``a * scale_a + b * scale_b``
+    into ``out`` (arguments a loop does not read are ignored)."""
+    if loop == 0:
+        return np.int64(_round_over(a, scale_a, low, high, clamp_low, clamp_high))
+    if loop == 1:
+        return np.int64(_round_into(a, scale_a, out, low, high, clamp_low, clamp_high))
+    return np.int64(_add_round_into(a, scale_a, b, scale_b, out, low, high, clamp_low, clamp_high))
+
+
 @numba.njit(parallel=True, boundscheck=False, cache=True)
 def _in_pieces(a, scale_a, b, scale_b, out, low, high, clamp_low, clamp_high, loop):  # pragma: no cover
-    """One of the loops over 1-D arrays in pieces of ``PIECE`` values, shared among numba's threads; the
-    overflow count. ``loop``: 0 rounds ``a * scale_a`` over ``a``, 1 rounds ``a * scale_a`` into ``out``,
-    2 rounds ``a * scale_a + b * scale_b`` into ``out`` (arguments a loop does not read are ignored)."""
+    """``_one_loop`` in pieces of ``PIECE`` values, shared among numba's threads; the overflow count."""
     counts = np.zeros((a.size + PIECE - 1) // PIECE, np.int64)
     for p in numba.prange(counts.size):
         s = slice(p * PIECE, min(a.size, (p + 1) * PIECE))
-        if loop == 0:
-            counts[p] = np.int64(_round_over(a[s], scale_a, low, high, clamp_low, clamp_high))
-        elif loop == 1:
-            counts[p] = np.int64(_round_into(a[s], scale_a, out[s], low, high, clamp_low, clamp_high))
-        else:
-            counts[p] = np.int64(_add_round_into(a[s], scale_a, b[s], scale_b, out[s], low, high, clamp_low, clamp_high))
+        counts[p] = _one_loop(a[s], scale_a, b[s], scale_b, out[s], low, high, clamp_low, clamp_high, loop)
     return counts.sum()
 
 
@@ -117,19 +122,15 @@ def _run(loop: int, fmt: QFormat, clamp: tuple[int, int], a: torch.Tensor, out: 
     """``_in_pieces`` on the tensors' memory, the scales in ``a``'s dtype (the working one), the bounds in
     ``out``'s (the codes'), on torch's number of threads; one piece runs on the calling thread."""
     flat_a, flat_out = _flat(a), _flat(out)
+    flat_b = flat_a if b is None else _flat(b)
     work = flat_a.dtype.type
-    bounds = code_bounds(fmt, clamp, flat_out.dtype)
+    args = (flat_a, work(scale_a), flat_b, work(scale_b), flat_out, *code_bounds(fmt, clamp, flat_out.dtype), loop)
     if flat_a.size <= PIECE:
         # Nothing to share: waking numba's threads would cost more than the loop (a 16 x 32 x 32 register:
         # 29 us in pieces, 17 us here, on a 2-core Xeon).
-        if loop == 0:
-            return int(_round_over(flat_a, work(scale_a), *bounds))
-        if loop == 1:
-            return int(_round_into(flat_a, work(scale_a), flat_out, *bounds))
-        return int(_add_round_into(flat_a, work(scale_a), _flat(b), work(scale_b), flat_out, *bounds))
+        return int(_one_loop(*args))
     follow_torch_threads()
-    flat_b = flat_a if b is None else _flat(b)
-    return int(_in_pieces(flat_a, work(scale_a), flat_b, work(scale_b), flat_out, *bounds, loop))
+    return int(_in_pieces(*args))
 
 
 def follow_torch_threads() -> None:
