@@ -5,15 +5,17 @@ on a processor with and without VNNI), so nothing is assumed: the first batch
 a conv/linear layer sees (of each shape) runs through every kernel that
 ``kernels`` proves exact for it, each timed (one warm-up call, then the best
 of two; a kernel whose first timed call took over three times the best time
-so far is not timed again), as the layer runs it: with the rounding of its
-result (``finish``) where the caller gives one, since a kernel of several
-calls has its terms summed and rounded in one pass and ``depthwise_loop``
-rounds as it stores. Their outputs must
-agree bit for bit, since all are exact, on that input and on one of extreme
-codes (each the lowest or the highest code the input may hold, where
-intermediate sums of a library's kernel would overflow first): one that
-differs from ``float64`` (the plainest) is a bug in it or in the library
-under it, is logged as an error and never chosen.
+so far is not timed again), as the layer runs it (``finish``): on the whole
+batch, in the slices of the batch that bound its temporaries, with the
+rounding of its result, since a kernel of several calls has its terms summed
+and rounded in one pass and ``depthwise_loop`` rounds as it stores. A kernel
+timed on fewer images than it runs would hide the cost of its slices. Their
+outputs must agree bit for bit, since all are exact, on the first images of
+the batch (``check``) and on two images of extreme codes (each the lowest or
+the highest code the input may hold, where intermediate sums of a library's
+kernel would overflow first): one that differs from ``float64`` (the
+plainest) is a bug in it or in the library under it, is logged as an error
+and never chosen.
 
 Choices are cached per machine (processor, CPU capability, torch version,
 threads, device) and per layer signature (input and weight shapes, geometry,
@@ -79,9 +81,11 @@ class KernelChooser:
     def __init__(self, cache_dir: str | Path | None = None) -> None:
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
 
-    def choose(self, candidates: list[Kernel], codes: torch.Tensor, layer_name: str, finish: Finish | None = None) -> Kernel:
+    def choose(self, candidates: list[Kernel], codes: torch.Tensor, layer_name: str, finish: Finish | None = None,
+               check: int | None = None) -> Kernel:
         """The fastest of ``candidates`` on ``codes`` (a real input of the layer), from the cache when known;
-        ``finish``: how the layer computes its codes on a kernel (timed so), else the kernel's own ``__call__``."""
+        ``finish``: how the layer computes its codes on a kernel (timed so), else the kernel's own ``__call__``;
+        ``check``: the images on which the outputs are compared by a whole call of each kernel (default all)."""
         if len(candidates) == 1:
             return candidates[0]
         about = machine(codes.device)
@@ -102,7 +106,7 @@ class KernelChooser:
         by_label = {k.label: k for k in candidates}
         if known.get(signature) in by_label:
             return by_label[known[signature]]
-        seconds = self._time(candidates, codes, layer_name, finish)
+        seconds = self._time(candidates, codes, layer_name, finish, check)
         best = min(seconds, key=seconds.get)
         known[signature] = best
         if path is not None:
@@ -111,16 +115,18 @@ class KernelChooser:
         return by_label[best]
 
     @torch.no_grad()
-    def _time(self, candidates: list[Kernel], codes: torch.Tensor, layer_name: str, finish: Finish | None) -> dict[str, float]:
-        """Seconds per call of each candidate that agrees with the reference output."""
+    def _time(self, candidates: list[Kernel], codes: torch.Tensor, layer_name: str, finish: Finish | None,
+              check: int | None = None) -> dict[str, float]:
+        """Seconds per batch of each candidate that agrees with the reference output."""
         reference_kernel = next((k for k in candidates if k.name == "float64"), candidates[0])
-        extreme = extreme_codes(codes[:2], *reference_kernel.layer.input_codes)
-        reference = reference_kernel(codes)  # also its warm-up
+        sample = codes[:check]
+        extreme = extreme_codes(sample[:2], *reference_kernel.layer.input_codes)
+        reference = reference_kernel(sample)  # also its warm-up
         reference_extreme = reference_kernel(extreme)
         seconds: dict[str, float] = {}
         for kernel in [k for k in candidates if k is not reference_kernel] + [reference_kernel]:
             if kernel is not reference_kernel:
-                out = kernel(codes)  # warm-up: first calls pay for setup (primitive creation, compilation)
+                out = kernel(sample)  # warm-up: first calls pay for setup (primitive creation, compilation)
                 if not (torch.equal(out.double(), reference.double()) and torch.equal(kernel(extreme).double(), reference_extreme.double())):
                     log.error("%s: kernel %s disagrees with %s; it is not used", layer_name, kernel.label, reference_kernel.label)
                     continue

@@ -36,7 +36,11 @@ from fxpsweep.errors import ConfigError
 # below 2x float32's (alexnet 1.76x, resnet18 1.47x on a 2-core Xeon; 8 gave 2.09x and 1.80x) at no
 # measured cost in speed: a sliced layer is large, and its calls stay large.
 SCRATCH_BUDGET = 6.0
-SLICE_MIN_ELEMENTS = 1 << 20  # outputs smaller than this run whole: their temporaries are small anyway
+# ... or this many bytes, where that is more: a small output runs in few slices (slices of a few images
+# cost more calls than they save), and its temporaries stay below what float32 holds for a small network.
+# 12 MiB: resnet20_cifar10 at 16 bits, batch 32, at most 1.80x float32's peak on any kernel forced on every
+# layer (float64, 88 bytes per output element on its 16-channel layers: 4.80x unsliced, 2.11x with 16 MiB).
+SCRATCH_FLOOR = 12 * 2**20
 
 
 def code_dtype(fmt: QFormat) -> torch.dtype:
@@ -326,14 +330,20 @@ class FixedDot(FixedOp):
         if shape not in self.plans:
             kernel = self.forced
             if kernel is None:
-                # Timed on as many images as the most sliced candidate runs at once (see fixed_forward).
+                # Compared on as many images as the most sliced candidate runs at once, timed on the batch
+                # in its own slices.
                 first = min(self._slice_size(k, codes) for k in self.candidates)
-                # Timed as _dot_codes runs it; not with stochastic rounding, whose draws would then depend on
-                # whether the choice was cached.
-                finish = self._rounded if self.acc_fmt is None and self.rounder.fmt.rounding != "stochastic" else None
-                kernel = self.chooser.choose(self.candidates, codes[:first], self.name, finish)
+                kernel = self.chooser.choose(self.candidates, codes, self.name, self._timed_run, check=first)
             self.plans[shape] = (kernel, self._slice_size(kernel, codes))
         return self.plans[shape]
+
+    def _timed_run(self, kernel: kernels.Kernel, codes: torch.Tensor) -> torch.Tensor:
+        """What ``fixed_forward`` computes on ``kernel``, counting nothing: for the kernel choice. Rounded as
+        ``_dot_codes`` rounds, but not with ``acc_bits`` (the accumulator is rounded the same on any kernel) or
+        stochastic rounding (whose draws would then depend on whether the choice was cached)."""
+        if self.acc_fmt is None and self.rounder.fmt.rounding != "stochastic":
+            return self._in_slices(codes, self._slice_size(kernel, codes), lambda part: self._rounded(kernel, part)[0])
+        return self._in_slices(codes, self._slice_size(kernel, codes), kernel)
 
     def fixed_forward(self, codes: torch.Tensor) -> torch.Tensor:
         if self.sequential:
@@ -348,14 +358,18 @@ class FixedDot(FixedOp):
             return self.emit(self.layer.output(acc))
         kernel, step = self._plan(codes)
         self.images_by_kernel[kernel.label] += len(codes)
+        return self._in_slices(codes, step, lambda part: self._dot_codes(kernel, part))
+
+    @staticmethod
+    def _in_slices(codes: torch.Tensor, step: int, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``run`` on slices of ``step`` images of the batch ``codes``, the results in one tensor: a kernel with
+        large temporaries runs so, that they stay within the budget of ``_slice_size`` (peak memory near
+        float32's). Each slice's result goes straight into the output: no second copy of it is held."""
         if step >= len(codes):
-            return self._dot_codes(kernel, codes)
-        # A kernel with large temporaries runs on slices of the batch, so that they stay below
-        # SCRATCH_BUDGET bytes per output element: peak memory near float32's.
-        # Each slice's codes go straight into the output: no second copy of it is held.
+            return run(codes)
         out = None
         for i in range(0, len(codes), step):
-            part = self._dot_codes(kernel, codes[i : i + step])
+            part = run(codes[i : i + step])
             if out is None:
                 out = torch.empty((len(codes),) + part.shape[1:], dtype=part.dtype, device=codes.device,
                                   memory_format=torch.channels_last if part.dim() == 4 else torch.contiguous_format)
@@ -365,11 +379,11 @@ class FixedDot(FixedOp):
 
     def _slice_size(self, kernel: kernels.Kernel, codes: torch.Tensor) -> int:
         """Images per call of ``kernel`` on the batch ``codes``: temporaries of at most ``SCRATCH_BUDGET``
-        bytes per output element, where the output is large enough for memory to matter."""
+        bytes per output element of the batch, or ``SCRATCH_FLOOR`` bytes where that is more."""
         n = len(codes)
-        if n * self._out_numel_per_image(codes) < SLICE_MIN_ELEMENTS:
-            return n
-        return -(-n // max(1, math.ceil(kernel.scratch / SCRATCH_BUDGET)))
+        outputs = n * self._out_numel_per_image(codes)
+        allowed = max(SCRATCH_BUDGET * outputs, SCRATCH_FLOOR)
+        return -(-n // max(1, math.ceil(kernel.scratch * outputs / allowed)))
 
     def _dot_codes(self, kernel: kernels.Kernel, codes: torch.Tensor) -> torch.Tensor:
         """The output codes of ``codes`` on ``kernel``, overflows counted."""
