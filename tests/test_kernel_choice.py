@@ -4,11 +4,12 @@ chosen when they disagree with the others; a setting forces one."""
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 from torch import nn
 
-from fxpsweep.engine import kernel_choice
+from fxpsweep.engine import kernel_choice, ops
 from fxpsweep.engine.fixedpoint import QFormat
 from fxpsweep.engine.kernel_choice import KernelChooser
 from fxpsweep.engine.network import QuantizedNetwork
@@ -96,3 +97,42 @@ def test_stochastic_rounding_draws_the_same_whether_the_kernels_were_timed_or_no
     first = timed(x)
     second = conv_layer(rounding="stochastic")(x)  # the choice from memory, nothing timed
     assert torch.equal(first, second)
+
+
+def test_every_candidate_is_timed_on_the_whole_batch_in_its_own_slices(monkeypatch) -> None:
+    # A kernel timed on fewer images than it runs would hide what its slices cost.
+    monkeypatch.setattr(kernel_choice, "_in_memory", {})
+    monkeypatch.setattr(ops, "SCRATCH_FLOOR", 0)  # slices even on this small layer
+    op = conv_layer(bits=16)
+    batch = codes(16)
+    assert any(op._slice_size(k, batch) < len(batch) for k in op.candidates)
+    timed: list[tuple[str, int]] = []  # (kernel, images) of every timed call
+    slices: dict[str, list[int]] = {}  # kernel -> images of each call of it while it was timed
+    real_timed, real_rounded = kernel_choice._timed, op._rounded
+
+    def timing(kernel, batch_codes, finish=None):
+        timed.append((kernel.label, len(batch_codes)))
+        slices[kernel.label] = []
+        return real_timed(kernel, batch_codes, finish)
+
+    monkeypatch.setattr(kernel_choice, "_timed", timing)
+    monkeypatch.setattr(op, "_rounded", lambda k, c: slices.get(k.label, []).append(len(c)) or real_rounded(k, c))
+    op(batch)
+    assert {label for label, _ in timed} == {k.label for k in op.candidates}
+    assert all(images == len(batch) for _, images in timed)
+    for kernel in op.candidates:  # the last timed call of each, in its slices
+        step = op._slice_size(kernel, batch)
+        assert slices[kernel.label][: -(-len(batch) // step)] == [min(step, len(batch) - i) for i in range(0, len(batch), step)]
+
+
+def test_a_small_output_holds_temporaries_within_the_floor(monkeypatch) -> None:
+    # Below SCRATCH_BUDGET bytes per output element a small output may use SCRATCH_FLOOR bytes; no more.
+    op = conv_layer(bits=16)
+    batch = torch.zeros(64, 16, 32, 32)
+    outputs = 64 * 16 * 32 * 32
+    allowed = max(ops.SCRATCH_BUDGET * outputs, ops.SCRATCH_FLOOR)
+    assert max(k.scratch for k in op.candidates) * outputs > allowed  # some kernel must slice
+    for kernel in op.candidates:
+        step = op._slice_size(kernel, batch)
+        assert kernel.scratch * outputs * step / len(batch) <= allowed
+        assert -(-len(batch) // step) == max(1, math.ceil(kernel.scratch * outputs / allowed))  # as few slices as that allows
