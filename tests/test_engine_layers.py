@@ -273,8 +273,8 @@ def test_layers_reading_a_relu_register_equal_the_reference_on_every_kernel(seed
 
 
 def test_a_layer_sliced_over_the_batch_gives_the_reference_codes(device) -> None:
-    # An output large enough that kernels of several calls run on slices of the batch (their
-    # temporaries bounded by SCRATCH_BUDGET), each slice's codes written into the output; every kernel, sliced or not.
+    # An output large enough that kernels of several calls run on slices of the batch (their temporaries
+    # bounded by SCRATCH_BUDGET), each slice's codes written into the output; every kernel, sliced or not.
     rng = np.random.default_rng(3)
     module = nn.Conv2d(4, 48, 3, 1, 1, bias=True)
     x, w, b = random_codes(rng, (6, 4, 66, 66), 16), random_codes(rng, module.weight.shape, 16), random_codes(rng, (48,), 16)

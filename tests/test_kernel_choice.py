@@ -125,8 +125,9 @@ def test_every_candidate_is_timed_on_the_whole_batch_in_its_own_slices(monkeypat
         assert slices[kernel.label][: -(-len(batch) // step)] == [min(step, len(batch) - i) for i in range(0, len(batch), step)]
 
 
-def test_a_small_output_holds_temporaries_within_the_floor(monkeypatch) -> None:
-    # Below SCRATCH_BUDGET bytes per output element a small output may use SCRATCH_FLOOR bytes; no more.
+def test_a_small_output_holds_temporaries_within_the_floor() -> None:
+    # A small output's kernel may hold SCRATCH_FLOOR bytes of temporaries (more than SCRATCH_BUDGET per
+    # output element would give it), no more, in as few slices as that takes.
     op = conv_layer(bits=16)
     batch = torch.zeros(64, 16, 32, 32)
     outputs = 64 * 16 * 32 * 32
