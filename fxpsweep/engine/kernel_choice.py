@@ -3,8 +3,8 @@
 The fastest kernel differs between processors by a factor of 50 (int8 GEMMs
 on a processor with and without VNNI), so nothing is assumed: the first batch
 a conv/linear layer sees (of each shape) runs through every kernel that
-``kernels`` proves exact for it, each timed (one warm-up call, then the best
-of two; a kernel whose first timed call took over three times the best time
+``kernels`` proves exact for it, each timed (one warm-up run, then the best
+of two; a kernel whose first timed run took over three times the best time
 so far is not timed again), as the layer runs it (``finish``): on the whole
 batch, in the slices of the batch that bound its temporaries, with the
 rounding of its result, since a kernel of several calls has its terms summed
@@ -121,15 +121,19 @@ class KernelChooser:
         reference_kernel = next((k for k in candidates if k.name == "float64"), candidates[0])
         sample = codes[:check]
         extreme = extreme_codes(sample[:2], *reference_kernel.layer.input_codes)
-        reference = reference_kernel(sample)  # also its warm-up
+        reference = reference_kernel(sample)
         reference_extreme = reference_kernel(extreme)
         seconds: dict[str, float] = {}
         for kernel in [k for k in candidates if k is not reference_kernel] + [reference_kernel]:
             if kernel is not reference_kernel:
-                out = kernel(sample)  # warm-up: first calls pay for setup (primitive creation, compilation)
+                out = kernel(sample)
                 if not (torch.equal(out.double(), reference.double()) and torch.equal(kernel(extreme).double(), reference_extreme.double())):
                     log.error("%s: kernel %s disagrees with %s; it is not used", layer_name, kernel.label, reference_kernel.label)
                     continue
+            # Warm-up: first calls on a shape pay for setup (primitive creation, compilation). The calls above
+            # ran on the sample's shape; the layer's slices of a larger batch have shapes of their own.
+            if len(sample) < len(codes):
+                _timed(kernel, codes, finish)
             first = _timed(kernel, codes, finish)
             if first > SKIP_SLOWER * min(seconds.values(), default=float("inf")):
                 seconds[kernel.label] = first  # clearly slower: one timing will do
