@@ -341,9 +341,9 @@ class FixedDot(FixedOp):
         """What ``fixed_forward`` computes on ``kernel``, counting nothing: for the kernel choice. Rounded as
         ``_dot_codes`` rounds, but not with ``acc_bits`` (the accumulator is rounded the same on any kernel) or
         stochastic rounding (whose draws would then depend on whether the choice was cached)."""
-        if self.acc_fmt is None and self.rounder.fmt.rounding != "stochastic":
-            return self._in_slices(codes, self._slice_size(kernel, codes), lambda part: self._rounded(kernel, part)[0])
-        return self._in_slices(codes, self._slice_size(kernel, codes), kernel)
+        rounds = self.acc_fmt is None and self.rounder.fmt.rounding != "stochastic"
+        run = (lambda part: self._rounded(kernel, part)[0]) if rounds else kernel
+        return self._in_slices(codes, self._slice_size(kernel, codes), run)
 
     def fixed_forward(self, codes: torch.Tensor) -> torch.Tensor:
         if self.sequential:
