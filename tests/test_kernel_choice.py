@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,6 +49,30 @@ def test_the_choice_is_cached_in_the_cache_folder_and_reused(tmp_path, monkeypat
     again.chooser = KernelChooser(tmp_path)
     again(codes())
     assert again.kernel == op.kernel
+
+
+def test_a_processor_of_the_same_name_with_other_instruction_sets_is_another_machine(tmp_path, monkeypatch) -> None:
+    # Cloud VMs of one model name ("Intel(R) Xeon(R) Processor") differ in AMX; a cluster may share cache_dir.
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(kernel_choice, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else Path(p))
+    timed = []
+    real_time = KernelChooser._time
+    monkeypatch.setattr(KernelChooser, "_time", lambda self, *a: timed.append(1) or real_time(self, *a))
+    files = []
+    for flags in ("fpu avx2 avx512f avx512_vnni smep", "fpu avx2 avx512f avx512_vnni amx_int8 amx_tile smep"):
+        cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: {flags}\n")
+        kernel_choice._cpuinfo.cache_clear()
+        monkeypatch.setattr(kernel_choice, "_in_memory", {})
+        op = conv_layer()
+        op.chooser = KernelChooser(tmp_path / "cache")
+        op(codes())
+        files.append(sorted((tmp_path / "cache" / "kernels").glob("*.json")))
+    kernel_choice._cpuinfo.cache_clear()
+    assert len(timed) == 2 and len(files[0]) == 1 and len(files[1]) == 2  # timed again, into a file of its own
+    machines = {json.loads(f.read_text())["machine"]["processor"] for f in files[1]}
+    assert machines == {"Intel(R) Xeon(R) Processor"}
+    features = sorted(json.loads(f.read_text())["machine"]["cpu_features"] for f in files[1])
+    assert features == [["amx_int8", "amx_tile", "avx2", "avx512_vnni", "avx512f"], ["avx2", "avx512_vnni", "avx512f"]]
 
 
 def test_a_kernel_that_disagrees_is_never_chosen(monkeypatch, caplog) -> None:

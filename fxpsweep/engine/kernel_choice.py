@@ -17,18 +17,21 @@ kernel would overflow first): one that differs from ``float64`` (the
 plainest) is a bug in it or in the library under it, is logged as an error
 and never chosen.
 
-Choices are cached per machine (processor, CPU capability, torch version,
-threads, device) and per layer signature (input and weight shapes, geometry,
-word length, candidates) in memory and in ``cache_dir/kernels/<machine>.json``,
-so a sweep, and every later job on the machine, pays for the timing once.
+Choices are cached per machine (processor, CPU capability and instruction-set
+flags, torch version, threads, device) and per layer signature (input and
+weight shapes, geometry, word length, candidates) in memory and in
+``cache_dir/kernels/<machine>.json``, so a sweep, and every later job on the
+machine, pays for the timing once.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import platform
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,15 +49,38 @@ Finish = Callable[[Kernel, torch.Tensor], Any]  # (a kernel, input codes) -> the
 _in_memory: dict[str, dict[str, str]] = {}  # machine key -> layer signature -> kernel label
 
 
+# /proc/cpuinfo flags that decide which kernel is fastest: vector and matrix instruction sets (x86, Arm).
+# Processors of one model name may differ in them (a cloud VM's "Intel(R) Xeon(R) Processor" with or
+# without AMX), and a cache folder may be shared by a cluster's nodes.
+_SIMD_FLAG = re.compile(r"^(avx|amx|fma|f16c|sse4|ssse3|vnni|asimd|sve|i8mm|bf16|sme(\d|$))")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, tuple[str, ...]]:
+    """(model name, sorted SIMD flags) of the first processor in ``/proc/cpuinfo``; ("", ()) where unreadable."""
+    name, flags = "", ()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return name, flags
+    for line in lines:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not name:
+            name = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = tuple(sorted(f for f in value.split() if _SIMD_FLAG.match(f)))
+    return name, flags
+
+
 def processor_name() -> str:
     """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo()[0] or platform.processor() or platform.machine()
+
+
+def cpu_features() -> tuple[str, ...]:
+    """The CPU's vector and matrix instruction-set flags (``/proc/cpuinfo``: avx2, avx512_vnni, amx_int8, ...)."""
+    return _cpuinfo()[1]
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -62,6 +88,7 @@ def machine(device: torch.device) -> dict[str, Any]:
     about = {
         "processor": processor_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_features": list(cpu_features()),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "device": device.type,
