@@ -127,11 +127,20 @@ def check_every_layer(net: QuantizedNetwork, label: str, device) -> None:
         op.register_forward_hook(lambda m, i, out: records.append((m, [t.to("cpu", copy=True) for t in i], out.to("cpu", copy=True))))
         for op in net.ops
     ]
+    before = [(op.overflows, op.values) for op in net.ops]
     with torch.no_grad():
         logits = net(x.to(device)).cpu()
     for h in hooks:
         h.remove()
     assert len(records) == len(net.ops)
+    # Unwatched, forward runs each conv/linear that only a residual add reads together with that add
+    # (FixedDotAdd): the logits and overflow counts of the operations one by one, each checked below.
+    watched = [(op.overflows, op.values) for op in net.ops]
+    with torch.no_grad():
+        assert torch.equal(net(x.to(device)).cpu(), logits), label
+    unwatched = [(op.overflows, op.values) for op in net.ops]
+    assert [(o2 - o1, v2 - v1) for (o1, v1), (o2, v2) in zip(watched, unwatched)] == [
+        (o1 - o0, v1 - v0) for (o0, v0), (o1, v1) in zip(before, watched)], label
     kinds = {type(op).__name__ for op, _, _ in records}
     kernels_run = set()
     for op, inputs, out in records:

@@ -73,6 +73,33 @@ def test_the_add_loop_gives_the_reference_codes_and_count(dtypes: tuple[torch.dt
     assert overflowed == sum(not FORMAT.min_code <= k <= FORMAT.max_code for k in rounded) > 0
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("images", [1, 4])  # 8 450 values: on the calling thread; 33 800: in pieces
+@pytest.mark.parametrize("dot_first", [True, False])
+def test_a_register_and_its_residual_add_in_one_loop_give_the_reference_codes_and_counts(
+    layout: str, images: int, dot_first: bool
+) -> None:
+    g = torch.Generator().manual_seed(5)
+    v = scaled_values(images * 8 * 65 * 65, torch.float32).reshape(images, 8, 65, 65)  # the layer's register, FORMAT
+    other = torch.randint(-2**12, 2**12, v.shape, generator=g).float()  # the add's other operand
+    if layout == "channels_last":
+        v, other = v.contiguous(memory_format=torch.channels_last), other.contiguous(memory_format=torch.channels_last)
+    scale_k, scale_other = (0.25, 2.0**-5) if dot_first else (2.0**-5, 0.25)
+    add_fmt, register_clamp, add_clamp = QFormat(7, -2), (FORMAT.min_code, 200), (0, 63)
+    order = (0, 2, 3, 1) if layout == "channels_last" else (0, 1, 2, 3)
+    values, others = v.permute(order).reshape(-1).tolist(), other.permute(order).reshape(-1).tolist()
+    rounded = [ref.round_fraction(ref.Fraction(x), "nearest_even") for x in values]
+    register = [min(max(ref.overflow_int(k, FORMAT.total_bits, "saturate"), register_clamp[0]), register_clamp[1]) for k in rounded]
+    sums = [ref.round_fraction(ref.Fraction(k) * ref.Fraction(scale_k) + ref.Fraction(int(y)) * ref.Fraction(scale_other),
+                               "nearest_even") for k, y in zip(register, others)]
+    assert rounding_loop.supports(FORMAT, v) and rounding_loop.supports(add_fmt, v, other)
+    counts = rounding_loop.round_then_add(v, FORMAT, register_clamp, scale_k, other, scale_other, add_fmt, add_clamp)
+    np.testing.assert_array_equal(v.permute(order).reshape(-1).numpy().astype(np.int64), np.clip(sums, *add_clamp))
+    expected = (sum(not FORMAT.min_code <= k <= FORMAT.max_code for k in rounded),
+                sum(not add_fmt.min_code <= k <= add_fmt.max_code for k in sums))
+    assert counts == expected and min(expected) > 0
+
+
 def test_non_finite_values_behave_as_in_the_compiled_pass() -> None:
     v = torch.tensor([math.inf, -math.inf, math.nan, 3.5, -700.0] * 20, dtype=torch.float32)
     compiled = v.clone()

@@ -252,6 +252,12 @@ class Kernel:
         """``v`` (``acc`` where ``raw``), or the terms that sum to it (``Terms``), left to the caller to sum."""
         raise NotImplementedError
 
+    @property
+    def one_tensor(self) -> bool:
+        """Whether ``result`` is ``v`` as one float32 tensor that ``rounded`` rounds as it is (in place), so
+        that a reader of the register may round it in a pass of its own (``ops.FixedDotAdd``)."""
+        return False
+
     def rounded(self, codes: torch.Tensor, rounder: Rounder) -> tuple[torch.Tensor, int]:
         """The layer's output codes of ``codes``, rounded by ``rounder``, and how many overflowed. Terms
         are summed and rounded in one pass, so their float64 sum is never written to memory; a tensor is
@@ -300,6 +306,10 @@ class Float32Kernel(Kernel):
     @classmethod
     def applies(cls, layer: DotLayer, device: torch.device) -> bool:
         return layer.input_chunks(layer.abs_sums(), layer.act_max, FLOAT32_EXACT) is not None
+
+    @property
+    def one_tensor(self) -> bool:
+        return self.folded
 
     def result(self, codes: torch.Tensor) -> torch.Tensor | Terms:
         x = codes.float()
@@ -577,6 +587,10 @@ class OneDNNInt8Kernel(Kernel):
             x, 1.0, self.zero_point, packed, self.scales, self.zero_points, self.bias,
             list(g.stride), list(self.padding), list(g.dilation), g.groups, 1.0, 0, torch.float32, "none", [], "",
         )
+
+    @property
+    def one_tensor(self) -> bool:
+        return self.folded
 
     def result(self, codes: torch.Tensor) -> torch.Tensor | Terms:
         pieces, offset = self._pieces(codes)

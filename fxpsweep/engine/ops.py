@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxpsweep.engine import kernels
+from fxpsweep.engine import kernels, rounding_loop
 from fxpsweep.engine.fixedpoint import QFormat, apply_overflow, divide_and_round, quantize_codes
 from fxpsweep.engine.fused import Rounder
 from fxpsweep.engine.kernel_choice import KernelChooser
@@ -360,6 +360,19 @@ class FixedDot(FixedOp):
         self.images_by_kernel[kernel.label] += len(codes)
         return self._in_slices(codes, step, lambda part: self._dot_codes(kernel, part))
 
+    def unrounded(self, codes: torch.Tensor) -> torch.Tensor | None:
+        """The output before its rounding (output values times ``2**F_out``, float32), where this layer computes
+        it as one tensor (``Kernel.one_tensor``, one call on the whole batch) and the rounding loops implement
+        its format's rule; None, computing nothing, elsewhere. Counts the images as ``fixed_forward`` does;
+        the caller rounds it (``emit``, or ``FixedDotAdd``'s loop)."""
+        if self.sequential or self.acc_fmt is not None or not rounding_loop.rounds(self.out_fmt):
+            return None
+        kernel, step = self._plan(codes)
+        if not kernel.one_tensor or step < len(codes):
+            return None
+        self.images_by_kernel[kernel.label] += len(codes)
+        return kernel.result(codes)
+
     @staticmethod
     def _in_slices(codes: torch.Tensor, step: int, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``run`` on slices of ``step`` images of the batch ``codes``, the results in one tensor: a kernel with
@@ -432,6 +445,41 @@ class FixedAdd(FixedOp):
 
     def fixed_forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.count(*self.rounder.add_and_round(a.to(self.dtype), b, self.scale_a, self.scale_b))
+
+
+class FixedDotAdd(nn.Module):
+    """A conv/linear layer and the residual add that is its register's only reader, as one step: the add
+    rounds the layer's register and the sum in one pass over memory (``rounding_loop.round_then_add``), so
+    the layer's codes are never stored. The codes, and each operation's overflow counts, are those of the
+    two operations run one after the other, which is what runs where the loop does not apply (another
+    rounding rule, CUDA, a sliced or multi-call kernel). Only ``QuantizedNetwork.forward`` runs it, and only
+    where no hook watches the operations: whatever reads every register gets them one by one.
+    """
+
+    def __init__(self, dot: FixedDot, add: FixedAdd, dot_first: bool) -> None:
+        super().__init__()
+        self.dot, self.add = dot, add
+        self.dot_first = dot_first  # the layer is the add's first operand (its scale is scale_a)
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        dot, add = self.dot, self.add
+        v = dot.unrounded(x)
+        # The add's sum is exact in add.dtype; the loop computes it in v's dtype and stores the codes over v.
+        if v is None or not (v.dtype == add.dtype == add.rounder.dtype and rounding_loop.supports(add.out_fmt, v, other)):
+            codes = dot(x) if v is None else self._counted(dot, *dot.rounder.round(v, in_place=True))
+            return add(codes, other) if self.dot_first else add(other, codes)
+        scale_k, scale_other = (add.scale_a, add.scale_b) if self.dot_first else (add.scale_b, add.scale_a)
+        register, added = rounding_loop.round_then_add(
+            v, dot.out_fmt, dot.rounder.clamp, scale_k, other, scale_other, add.out_fmt, add.rounder.clamp
+        )
+        self._counted(dot, v, register)
+        return self._counted(add, v, added)
+
+    @staticmethod
+    def _counted(op: FixedOp, codes: torch.Tensor, overflowed: int) -> torch.Tensor:
+        """What ``FixedOp.forward`` records of an output: its overflows, values and size per image."""
+        op.record.out_numel = math.prod(codes.shape[1:])
+        return op.count(codes, overflowed)
 
 
 class FixedCat(FixedOp):

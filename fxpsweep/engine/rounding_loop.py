@@ -7,7 +7,9 @@ register twice and counting costs as much as rounding
 without the count, 8.5 ms for this loop). These loops do the four steps per
 value in one read and one write, and LLVM vectorizes them: one for a
 register or the network input (``round_into``, over itself or into a new
-tensor) and one for a residual add (``add_round_into``). They cover the
+tensor), one for a residual add (``add_round_into``), and one for a
+conv/linear register together with the residual add that is its only reader
+(``round_then_add``: the register's codes are never stored). They cover the
 default rule, round half to even with saturation, on dense float32 and
 float64 CPU tensors (``supports``); every other case stays on ``fused``'s
 compiled pass.
@@ -95,11 +97,44 @@ def _in_pieces(a, scale_a, b, scale_b, out, low, high, clamp_low, clamp_high, lo
     return counts.sum()
 
 
+@numba.njit(boundscheck=False, fastmath={"reassoc"}, cache=True)
+def _round_then_add_over(v, b, scale_k, scale_b, low, high, clamp_low, clamp_high,
+                         add_low, add_high, add_clamp_low, add_clamp_high):  # pragma: no cover (compiled)
+    """``v``'s codes ``k`` in a register, then ``k * scale_k + b * scale_b`` rounded into the add's, over ``v``;
+    the two overflow counts."""
+    register = np.float32(0)
+    added = np.float32(0)
+    for i in range(v.size):
+        k, overflowed = clamped_code(np.rint(v[i]), low, high, clamp_low, clamp_high)
+        register += overflowed
+        v[i], overflowed = clamped_code(np.rint(k * scale_k + b[i] * scale_b), add_low, add_high, add_clamp_low, add_clamp_high)
+        added += overflowed
+    return register, added
+
+
+@numba.njit(parallel=True, boundscheck=False, cache=True)
+def _round_then_add_in_pieces(v, b, scale_k, scale_b, bounds, add_bounds):  # pragma: no cover (compiled)
+    """``_round_then_add_over`` in pieces of ``PIECE`` values, shared among numba's threads; the two counts."""
+    pieces = (v.size + PIECE - 1) // PIECE
+    register = np.zeros(pieces, np.int64)
+    added = np.zeros(pieces, np.int64)
+    for p in numba.prange(pieces):
+        s = slice(p * PIECE, min(v.size, (p + 1) * PIECE))
+        counts = _round_then_add_over(v[s], b[s], scale_k, scale_b, *bounds, *add_bounds)
+        register[p], added[p] = np.int64(counts[0]), np.int64(counts[1])
+    return register.sum(), added.sum()
+
+
+def rounds(fmt: QFormat) -> bool:
+    """Whether these loops implement ``fmt``'s rule: round half to even, saturate."""
+    return fmt.rounding == "nearest_even" and fmt.overflow == "saturate"
+
+
 def supports(fmt: QFormat, *inputs: torch.Tensor) -> bool:
     """Whether these loops can round ``inputs`` (one, or the two operands of an add) into ``fmt``: the
     format rounds half to even and saturates; the inputs are dense float32/float64 CPU tensors of one shape
     and memory order, so that one flat index walks them and an output made by ``torch.empty_like`` alike."""
-    if fmt.rounding != "nearest_even" or fmt.overflow != "saturate":
+    if not rounds(fmt):
         return False
     first = inputs[0]
     if first.numel() == 0 or not (first.is_contiguous() or first.is_contiguous(memory_format=torch.channels_last)):
@@ -121,7 +156,8 @@ def _run(loop: int, fmt: QFormat, clamp: tuple[int, int], a: torch.Tensor, out: 
          scale_a: float = 1.0, b: torch.Tensor | None = None, scale_b: float = 0.0) -> int:
     """``_in_pieces`` on the tensors' memory, the scales in ``a``'s dtype (the working one), the bounds in
     ``out``'s (the codes'), on torch's number of threads; one piece runs on the calling thread."""
-    flat_a, flat_out = _flat(a), _flat(out)
+    flat_a = _flat(a)
+    flat_out = flat_a if out is a else _flat(out)
     flat_b = flat_a if b is None else _flat(b)
     work = flat_a.dtype.type
     args = (flat_a, work(scale_a), flat_b, work(scale_b), flat_out, *code_bounds(fmt, clamp, flat_out.dtype), loop)
@@ -164,3 +200,23 @@ def add_round_into(
     caller's bound), so that computing it in the wider of the two dtypes gives the same codes.
     ``supports(fmt, a, b)`` must hold, and ``out`` be a new tensor of ``a``'s shape and strides."""
     return _run(2, fmt, clamp, a, out, scale_a, b, scale_b)
+
+
+def round_then_add(v: torch.Tensor, fmt: QFormat, clamp: tuple[int, int], scale_k: float, b: torch.Tensor, scale_b: float,
+                   add_fmt: QFormat, add_clamp: tuple[int, int]) -> tuple[int, int]:
+    """A register and the residual add that is its only reader, in one pass: the codes ``k`` of ``v`` (real
+    values times ``2**F``) in ``fmt``, clamped to ``clamp``, as ``round_into`` gives them, then
+    ``k * scale_k + b * scale_b`` rounded into ``add_fmt``, clamped to ``add_clamp``, as ``add_round_into``
+    gives them, written over ``v`` (the register's codes are never stored); returns the overflow counts of
+    the register and of the add. ``supports(fmt, v)`` and ``supports(add_fmt, v, b)`` must hold, and ``v``'s
+    dtype hold both registers' codes and be the one the add is exact in."""
+    flat_v, flat_b = _flat(v), _flat(b)
+    work = flat_v.dtype.type
+    bounds = code_bounds(fmt, clamp, flat_v.dtype)
+    add_bounds = code_bounds(add_fmt, add_clamp, flat_v.dtype)
+    if flat_v.size <= PIECE:  # as in _run: nothing to share
+        register, added = _round_then_add_over(flat_v, flat_b, work(scale_k), work(scale_b), *bounds, *add_bounds)
+    else:
+        follow_torch_threads()
+        register, added = _round_then_add_in_pieces(flat_v, flat_b, work(scale_k), work(scale_b), bounds, add_bounds)
+    return int(register), int(added)
