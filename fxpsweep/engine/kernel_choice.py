@@ -4,8 +4,10 @@ The fastest kernel differs between processors by a factor of 50 (int8 GEMMs
 on a processor with and without VNNI), so nothing is assumed: the first batch
 a conv/linear layer sees (of each shape) runs through every kernel that
 ``kernels`` proves exact for it, each timed (one warm-up run, then the best
-of two; a kernel whose first timed run took over three times the best time
-so far is not timed again), as the layer runs it (``finish``): on the whole
+of up to three rounds, each timing every candidate in turn, so that a
+machine whose speed drifts slows all alike; a kernel over three times slower
+than the fastest after a round is not timed again), as the layer runs it
+(``finish``): on the whole
 batch, in the slices of the batch that bound its temporaries, with the
 rounding of its result, since a kernel of several calls has its terms summed
 and rounded in one pass and ``depthwise_loop`` rounds as it stores. A kernel
@@ -44,7 +46,8 @@ from fxpsweep.sweep.storage import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-SKIP_SLOWER = 3.0  # a candidate whose warm-up takes this many times the best time is not timed further
+ROUNDS = 3  # timed calls of each candidate, at most, one per round
+SKIP_SLOWER = 3.0  # a candidate this many times slower than the fastest after a round is not timed further
 Finish = Callable[[Kernel, torch.Tensor], Any]  # (a kernel, input codes) -> the layer's codes
 _in_memory: dict[str, dict[str, str]] = {}  # machine key -> layer signature -> kernel label
 
@@ -150,7 +153,7 @@ class KernelChooser:
         extreme = extreme_codes(sample[:2], *reference_kernel.layer.input_codes)
         reference = reference_kernel(sample)
         reference_extreme = reference_kernel(extreme)
-        seconds: dict[str, float] = {}
+        agreeing = []
         for kernel in [k for k in candidates if k is not reference_kernel] + [reference_kernel]:
             if kernel is not reference_kernel:
                 out = kernel(sample)
@@ -161,13 +164,18 @@ class KernelChooser:
             # ran on the sample's shape; the layer's slices of a larger batch have shapes of their own.
             if len(sample) < len(codes):
                 _timed(kernel, codes, finish)
-            first = _timed(kernel, codes, finish)
-            if first > SKIP_SLOWER * min(seconds.values(), default=float("inf")):
-                seconds[kernel.label] = first  # clearly slower: one timing will do
-                continue
-            seconds[kernel.label] = min(first, _timed(kernel, codes, finish))
-        if not seconds:
-            raise RuntimeError(f"{layer_name}: no kernel agreed with {reference_kernel.label}")
+            agreeing.append(kernel)
+        seconds: dict[str, float] = {}
+        racing = agreeing  # never empty: the reference is in it
+        for round_ in range(ROUNDS):
+            # In turn, each round from the next kernel on: a machine whose speed drifts (a shared VM's
+            # varies by half within minutes) then slows or speeds every candidate alike.
+            for kernel in racing[round_ % len(racing):] + racing[: round_ % len(racing)]:
+                seconds[kernel.label] = min(seconds.get(kernel.label, float("inf")), _timed(kernel, codes, finish))
+            fastest = min(seconds.values())
+            racing = [k for k in racing if seconds[k.label] <= SKIP_SLOWER * fastest]  # clearly slower: timed enough
+            if len(racing) < 2:
+                break
         return seconds
 
     @staticmethod
