@@ -30,6 +30,7 @@ from throughput import INPUT_SIZE, ChannelsLast, fxpsweep_network, random_model
 from torch.fx.experimental.optimization import fuse
 
 from fxpsweep.engine import depthwise_loop, rounding_loop
+from fxpsweep.engine.host_memory import keep_freed_memory
 
 COMPILED = "compiled rounding passes (torch.compile, all graphs)"
 OUTSIDE = "outside operators (Python, module calls, dispatch)"
@@ -116,7 +117,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="glibc malloc keeps freed memory for reuse, as a job on the CPU does (device.keep_freed_memory)")
     args = parser.parse_args()
+    kept = args.keep_freed_memory and keep_freed_memory()
     torch.set_num_threads(args.threads)
     size = INPUT_SIZE.get(args.model, 224)
     torch.manual_seed(0)
@@ -127,7 +131,8 @@ def main() -> None:
     float_seconds, theirs = profile(baseline, batch)
     seconds, ours = profile(net, batch)
     print(f"# {args.model}, {args.bits}-bit {args.arithmetic}, batch {args.batch}, {args.threads} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}\n")
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"freed host memory {'kept for reuse' if kept else 'given back (malloc defaults)'}\n")
     print(f"One batch: {seconds * 1e3:.1f} ms; float32 (folded, channels-last) {float_seconds * 1e3:.1f} ms "
           f"({float_seconds / seconds:.2f}x float32). Profiled batch below (profiling slows it).\n")
     print("\n".join(table(ours, theirs, args.top)))

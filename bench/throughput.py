@@ -9,7 +9,9 @@ images/s over the fastest float32 form of the model: as torchvision ships
 it, with BatchNorm folded, and folded in channels-last memory order. Peak
 memory is the most that PyTorch's allocator holds at once during one forward
 pass (from the profiler's record of allocations), over that of float32 as
-shipped.
+shipped. As a job on the CPU does, the process keeps freed memory for reuse
+(``fxpsweep.engine.host_memory``; ``--no-keep-freed-memory``: malloc's
+defaults), which speeds float32 and fxpsweep alike.
 
 Configurations: fxpsweep at 8 and 16 bits, ``exact`` and ``fast``, each layer
 on the kernel its measurement picks (named in the last column); torch.ao's
@@ -36,6 +38,7 @@ import torchvision
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
+from fxpsweep.engine.host_memory import keep_freed_memory
 from fxpsweep.engine.kernel_choice import processor_name
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.ops import FixedDot
@@ -207,14 +210,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds; each times every configuration once")
     parser.add_argument("--bits", nargs="+", type=int, default=[8, 16])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="glibc malloc keeps freed memory for reuse, as a job on the CPU does (device.keep_freed_memory)")
     args = parser.parse_args()
+    kept = args.keep_freed_memory and keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else processor_name()
     print(f"# {where}, CPU capability {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
-          f"device {device}, {args.threads} threads, batch {args.batch}, best of {args.repeats} rounds\n")
+          f"device {device}, {args.threads} threads, batch {args.batch}, best of {args.repeats} rounds, "
+          f"freed host memory {'kept for reuse' if kept else 'given back (malloc defaults)'}\n")
     print("| model | configuration | images/s | x float32 | peak MiB | x float32 memory | conv/linear kernels |")
     print("|---|---|---:|---:|---:|---:|---|")
     for arch in args.models:

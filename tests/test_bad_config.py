@@ -48,7 +48,8 @@ BAD_VALUES: dict[str, list[tuple[str, str]]] = {
     "data_dir": [("data_dir=''", "data_dir='' must be a folder path")],
     "model": [("model=vgg99", "Could not find 'model/vgg99'")],
     "dataset": [("dataset=mnist", "Could not find 'dataset/mnist'")],
-    "device": [("device=tpu", "Could not find 'device/tpu'")],
+    "device": [("device=tpu", "Could not find 'device/tpu'"),
+               ("device.keep_freed_memory=sometimes", "device.keep_freed_memory='sometimes' must be true or false")],
     "precision": [("precision=mixed", "Could not find 'precision/mixed'"),
                   ('precision.rules=["features.0 weight=40"]', "precision.rules[0]: weight=40 in rule 'features.0 weight=40' is not a word length")],
 }

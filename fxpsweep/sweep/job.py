@@ -22,6 +22,7 @@ import fxpsweep
 from fxpsweep.data.preprocess import prepare, subset_key
 from fxpsweep.data.splits import DataSplits
 from fxpsweep.engine.fixedpoint import check_bits
+from fxpsweep.engine.host_memory import keep_freed_memory
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.report import layer_sqnr, layer_table
 from fxpsweep.engine.settings import QuantSettings
@@ -128,8 +129,11 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``cpu`` or ``cuda``; CUDA math is pinned to full float32 (no TF32) so results stay exact."""
+def resolve_device(device: DictConfig) -> torch.device:
+    """The ``device`` config group's device: ``cpu`` (freed host memory kept for reuse unless
+    ``keep_freed_memory`` is false, ``engine.host_memory``) or ``cuda`` (float32 math pinned to full
+    precision, no TF32, so results stay exact)."""
+    name = device.name
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device=cuda but torch sees no CUDA device here; use device=cpu")
@@ -137,6 +141,11 @@ def resolve_device(name: str) -> torch.device:
         torch.backends.cudnn.allow_tf32 = False
         return torch.device("cuda")
     if name == "cpu":
+        keep = device.keep_freed_memory
+        if not isinstance(keep, bool):
+            raise ConfigError(f"device.keep_freed_memory={keep!r} must be true or false")
+        if keep:
+            keep_freed_memory()
         return torch.device("cpu")
     raise ConfigError(f"device={name!r} is unknown; allowed: cpu, cuda")
 
@@ -171,7 +180,7 @@ class CalibratedNetwork:
 def calibrated_network(cfg: DictConfig) -> CalibratedNetwork:
     """Build ``cfg``'s model and its fixed-point network, calibrated on the calibration images."""
     settings = quant_settings(cfg)
-    device = resolve_device(cfg.device.name)
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
     # Everything that can be checked from the config and the disk is checked
