@@ -8,10 +8,11 @@ MobileNetV2 register at batch 32: 147 MiB), so every batch faults in and
 zeroes every page of every register again, float32 PyTorch as well as the
 fixed-point engine. ``keep_freed_memory`` sets both thresholds to their
 largest: blocks come from the heap, and freed ones stay there for the next
-batch. Measured on a 2-core Xeon (``bench/throughput.py``, MobileNetV2, batch
-32, 2 threads): float32 231 -> 144 ms a batch, 8-bit exact 245 -> 155 ms,
-with the process's resident memory 1.4 -> 2.1 GiB (what it frees is kept,
-not given back). The setting is the process's (every library's allocations);
+batch. On a 2-core Xeon (``bench/throughput.py --models mobilenet_v2``, with
+and without ``--no-keep-freed-memory``; batch 32, 2 threads): float32 123 ->
+217 images/s, 8-bit exact 120 -> 198 (``bench/results/throughput-cpu-avx512-vnni.md``),
+the resident memory of 12 such batches 1.4 -> 2.1 GiB (ad hoc: what it frees is kept, not
+given back). The setting is the process's (every library's allocations);
 the job applies it on the CPU unless ``device.keep_freed_memory=false``.
 """
 
