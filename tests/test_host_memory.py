@@ -49,4 +49,3 @@ def test_a_cpu_job_keeps_freed_memory_unless_told_not_to(monkeypatch, keep: bool
     monkeypatch.setattr(job, "keep_freed_memory", lambda: calls.append(1) or True)
     device = job.resolve_device(OmegaConf.create({"name": "cpu", "keep_freed_memory": keep}))
     assert device.type == "cpu" and len(calls) == int(keep)
-
