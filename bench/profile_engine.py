@@ -30,7 +30,7 @@ from throughput import INPUT_SIZE, ChannelsLast, fxpsweep_network, random_model
 from torch.fx.experimental.optimization import fuse
 
 from fxpsweep.engine import depthwise_loop, rounding_loop
-from fxpsweep.engine.host_memory import keep_freed_memory
+from fxpsweep.engine.host_memory import freed_memory_kept
 
 COMPILED = "compiled rounding passes (torch.compile, all graphs)"
 OUTSIDE = "outside operators (Python, module calls, dispatch)"
@@ -118,9 +118,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                        help="glibc malloc keeps freed memory for reuse, as a job on the CPU does (device.keep_freed_memory)")
+                        help="glibc malloc keeps freed memory for reuse, as a job on the CPU does while it runs (device.keep_freed_memory)")
     args = parser.parse_args()
-    kept = args.keep_freed_memory and keep_freed_memory()
+    with freed_memory_kept(args.keep_freed_memory) as kept:
+        report(args, kept)
+
+
+def report(args: argparse.Namespace, kept: bool) -> None:
+    """Measure and print (``main``'s arguments; ``kept``: whether freed host memory is kept for reuse)."""
     torch.set_num_threads(args.threads)
     size = INPUT_SIZE.get(args.model, 224)
     torch.manual_seed(0)

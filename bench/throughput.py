@@ -38,7 +38,7 @@ import torchvision
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from fxpsweep.engine.host_memory import keep_freed_memory
+from fxpsweep.engine.host_memory import freed_memory_kept
 from fxpsweep.engine.kernel_choice import processor_name
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.ops import FixedDot
@@ -211,9 +211,14 @@ def main() -> None:
     parser.add_argument("--bits", nargs="+", type=int, default=[8, 16])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                        help="glibc malloc keeps freed memory for reuse, as a job on the CPU does (device.keep_freed_memory)")
+                        help="glibc malloc keeps freed memory for reuse, as a job on the CPU does while it runs (device.keep_freed_memory)")
     args = parser.parse_args()
-    kept = args.keep_freed_memory and keep_freed_memory()
+    with freed_memory_kept(args.keep_freed_memory) as kept:
+        report(args, kept)
+
+
+def report(args: argparse.Namespace, kept: bool) -> None:
+    """Measure and print (``main``'s arguments; ``kept``: whether freed host memory is kept for reuse)."""
     torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

@@ -77,7 +77,7 @@ def finetune(cfg: DictConfig) -> float:
     if cfg.dataset.name != f"cifar{cfg.model.num_classes}":
         raise ConfigError(f"model={cfg.model.name} fine-tunes on dataset=cifar{cfg.model.num_classes}, not dataset={cfg.dataset.name}")
     recipe = Recipe(**cfg.finetune)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device.name)
     torch.manual_seed(cfg.seed)
     to_input = cifar_transform(cfg.model.input_size)
     augment = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), to_input])

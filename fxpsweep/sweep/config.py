@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from fxpsweep.data.splits import check_counts
 from fxpsweep.errors import ConfigError
-from fxpsweep.sweep.job import precision_rules, quant_settings
+from fxpsweep.sweep.job import keeps_freed_memory, precision_rules, quant_settings
 
 SEED_LIMIT = 2**63  # torch.manual_seed takes seeds below this
 
@@ -34,6 +34,7 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("image_cache", "dry_run"):
         if not isinstance(cfg[key], bool):
             raise ConfigError(f"{key}={cfg[key]!r} must be true or false")
+    keeps_freed_memory(cfg)
     _check_folder("cache_dir", cfg.cache_dir)
     if not isinstance(cfg.data_dir, str) or not cfg.data_dir:
         raise ConfigError(f"data_dir={cfg.data_dir!r} must be a folder path")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,7 +23,7 @@ import fxpsweep
 from fxpsweep.data.preprocess import prepare, subset_key
 from fxpsweep.data.splits import DataSplits
 from fxpsweep.engine.fixedpoint import check_bits
-from fxpsweep.engine.host_memory import keep_freed_memory
+from fxpsweep.engine.host_memory import freed_memory_kept
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.report import layer_sqnr, layer_table
 from fxpsweep.engine.settings import QuantSettings
@@ -129,11 +130,8 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def resolve_device(device: DictConfig) -> torch.device:
-    """The ``device`` config group's device: ``cpu`` (freed host memory kept for reuse unless
-    ``keep_freed_memory`` is false, ``engine.host_memory``) or ``cuda`` (float32 math pinned to full
-    precision, no TF32, so results stay exact)."""
-    name = device.name
+def resolve_device(name: str) -> torch.device:
+    """``cpu`` or ``cuda``; CUDA math is pinned to full float32 (no TF32) so results stay exact."""
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device=cuda but torch sees no CUDA device here; use device=cpu")
@@ -141,13 +139,22 @@ def resolve_device(device: DictConfig) -> torch.device:
         torch.backends.cudnn.allow_tf32 = False
         return torch.device("cuda")
     if name == "cpu":
-        keep = device.keep_freed_memory
-        if not isinstance(keep, bool):
-            raise ConfigError(f"device.keep_freed_memory={keep!r} must be true or false")
-        if keep:
-            keep_freed_memory()
         return torch.device("cpu")
     raise ConfigError(f"device={name!r} is unknown; allowed: cpu, cuda")
+
+
+def keeps_freed_memory(cfg: DictConfig) -> bool:
+    """``device.keep_freed_memory`` (false where the device group has no such key: ``cuda``)."""
+    keep = OmegaConf.select(cfg, "device.keep_freed_memory", default=False)
+    if not isinstance(keep, bool):
+        raise ConfigError(f"device.keep_freed_memory={keep!r} must be true or false")
+    return keep
+
+
+def job_memory(cfg: DictConfig) -> contextlib.AbstractContextManager[bool]:
+    """The host memory rule of a job: freed memory kept for reuse while it runs (``engine.host_memory``),
+    on the CPU unless ``device.keep_freed_memory`` is false."""
+    return freed_memory_kept(cfg.device.name == "cpu" and keeps_freed_memory(cfg))
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -180,7 +187,7 @@ class CalibratedNetwork:
 def calibrated_network(cfg: DictConfig) -> CalibratedNetwork:
     """Build ``cfg``'s model and its fixed-point network, calibrated on the calibration images."""
     settings = quant_settings(cfg)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device.name)
     torch.manual_seed(cfg.seed)
 
     # Everything that can be checked from the config and the disk is checked
@@ -219,6 +226,11 @@ def run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str,
     images in the same run. ``acc_lines_dir`` gets one human-readable line in
     ``acc1_acc5.txt`` (the sweep folder in a multirun).
     """
+    with job_memory(cfg):
+        return _run_job(cfg, output_dir, acc_lines_dir)
+
+
+def _run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     job = calibrated_network(cfg)
     model, quant_model, splits, device, stats_source = job.model, job.quant_model, job.splits, job.device, job.stats_source
