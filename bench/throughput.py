@@ -217,6 +217,11 @@ def main() -> None:
         report(args, kept)
 
 
+def memory_note(kept: bool) -> str:
+    """The header's words for how freed host memory was handled."""
+    return f"freed host memory {'kept for reuse' if kept else 'given back (malloc defaults)'}"
+
+
 def report(args: argparse.Namespace, kept: bool) -> None:
     """Measure and print (``main``'s arguments; ``kept``: whether freed host memory is kept for reuse)."""
     torch.set_num_threads(args.threads)
@@ -226,7 +231,7 @@ def report(args: argparse.Namespace, kept: bool) -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else processor_name()
     print(f"# {where}, CPU capability {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
           f"device {device}, {args.threads} threads, batch {args.batch}, best of {args.repeats} rounds, "
-          f"freed host memory {'kept for reuse' if kept else 'given back (malloc defaults)'}\n")
+          f"{memory_note(kept)}\n")
     print("| model | configuration | images/s | x float32 | peak MiB | x float32 memory | conv/linear kernels |")
     print("|---|---|---:|---:|---:|---:|---|")
     for arch in args.models:

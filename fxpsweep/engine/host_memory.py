@@ -8,11 +8,11 @@ more than its trim threshold is free there (128 KiB at start, later twice the
 mmap threshold). A CNN's activations are such blocks (one MobileNetV2
 register at batch 32: 147 MiB), so every batch faults in and zeroes every
 page of every register again, float32 PyTorch as well as the fixed-point
-engine. Inside ``freed_memory_kept`` both thresholds
-are at their largest: blocks come from the heap, and freed ones stay there
-for the next batch of the same shapes. On a 2-core Xeon (``bench/throughput.py
---models mobilenet_v2``, with and without ``--no-keep-freed-memory``; batch
-32, 2 threads): float32 123 -> 217 images/s, 8-bit exact 120 -> 198
+engine. Inside ``freed_memory_kept`` both thresholds are at their largest:
+blocks come from the heap, and freed ones stay there for the next batch of
+the same shapes. On a 2-core Xeon (``bench/throughput.py --models
+mobilenet_v2``, with and without ``--no-keep-freed-memory``; batch 32, 2
+threads): float32 123 -> 217 images/s, 8-bit exact 120 -> 198
 (``bench/results/throughput-cpu-avx512-vnni.md``); the resident memory of 12
 such batches 1.4 -> 2.1 GiB (ad hoc).
 
