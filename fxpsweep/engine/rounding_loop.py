@@ -32,8 +32,11 @@ import numpy as np
 import torch
 
 from fxpsweep.engine.fixedpoint import QFormat
+from fxpsweep.engine.vector_width import prefer_wide_vectors
 
 _DTYPES = (torch.float32, torch.float64)  # the codes' dtypes (see ops.code_dtype)
+prefer_wide_vectors()  # before the first loop is compiled
+
 PIECE = 1 << 16  # values per piece: the unit of work of a thread, and the float32 count stays below 2**24
 
 
