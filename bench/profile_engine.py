@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 
 import torch
-from throughput import INPUT_SIZE, ChannelsLast, fxpsweep_network, memory_note, random_model
+from throughput import INPUT_SIZE, ChannelsLast, fxpsweep_network, setup_note, random_model
 from torch.fx.experimental.optimization import fuse
 
 from fxpsweep.engine import depthwise_loop, rounding_loop
@@ -137,7 +137,7 @@ def report(args: argparse.Namespace, kept: bool) -> None:
     seconds, ours = profile(net, batch)
     print(f"# {args.model}, {args.bits}-bit {args.arithmetic}, batch {args.batch}, {args.threads} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{memory_note(kept)}\n")
+          f"{setup_note(kept)}\n")
     print(f"One batch: {seconds * 1e3:.1f} ms; float32 (folded, channels-last) {float_seconds * 1e3:.1f} ms "
           f"({float_seconds / seconds:.2f}x float32). Profiled batch below (profiling slows it).\n")
     print("\n".join(table(ours, theirs, args.top)))

@@ -43,6 +43,7 @@ from fxpsweep.engine.kernel_choice import processor_name
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.ops import FixedDot
 from fxpsweep.engine.settings import QuantSettings
+from fxpsweep.engine.vector_width import prefer_wide_vectors
 from fxpsweep.models.cifar_resnet import cifar_resnet
 
 INPUT_SIZE = {"resnet20_cifar10": 32}
@@ -217,9 +218,10 @@ def main() -> None:
         report(args, kept)
 
 
-def memory_note(kept: bool) -> str:
-    """The header's words for how freed host memory was handled."""
-    return f"freed host memory {'kept for reuse' if kept else 'given back (malloc defaults)'}"
+def setup_note(kept: bool) -> str:
+    """The header's words for how freed host memory was handled, and for the vectors of numba's loops."""
+    vectors = "numba's loops on 512-bit vectors" if prefer_wide_vectors() else "numba's default vector width"
+    return f"freed host memory {'kept for reuse' if kept else 'given back (malloc defaults)'}, {vectors}"
 
 
 def report(args: argparse.Namespace, kept: bool) -> None:
@@ -231,7 +233,7 @@ def report(args: argparse.Namespace, kept: bool) -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else processor_name()
     print(f"# {where}, CPU capability {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
           f"device {device}, {args.threads} threads, batch {args.batch}, best of {args.repeats} rounds, "
-          f"{memory_note(kept)}\n")
+          f"{setup_note(kept)}\n")
     print("| model | configuration | images/s | x float32 | peak MiB | x float32 memory | conv/linear kernels |")
     print("|---|---|---:|---:|---:|---:|---|")
     for arch in args.models:
