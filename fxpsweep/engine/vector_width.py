@@ -5,8 +5,9 @@ prefer 256-bit vectors (its ``prefer-256-bit`` tuning: 512-bit instructions
 once slowed a whole core's clock). The rounding loops do a few instructions
 per value and run from the caches, so the wider vectors pay: on a 2-core Xeon
 with VNNI, one thread over 65536 values took 0.175 ns a value on 256-bit
-vectors and 0.116 on 512-bit ones, and MobileNetV2 at 16 bits fast went from
-0.87x to 0.89x-0.92x float32 (ad hoc, ``bench/throughput.py``'s models).
+vectors and 0.116 on 512-bit ones (ad hoc), and MobileNetV2 went from 0.92x
+to 0.96x float32 at 8 bits exact and from 0.88x to 0.90x at 16 bits fast
+(``bench/results/throughput-cpu-avx512-vnni.md``).
 """
 
 from __future__ import annotations
