@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 
 import torch
-from throughput import INPUT_SIZE, ChannelsLast, fxpsweep_network, setup_note, random_model
+from throughput import INPUT_SIZE, ChannelsLast, fxpsweep_network, random_model, setup_note
 from torch.fx.experimental.optimization import fuse
 
 from fxpsweep.engine import depthwise_loop, rounding_loop
