@@ -27,6 +27,15 @@ def scaled_values(n: int, dtype: torch.dtype) -> torch.Tensor:
     return values[torch.randperm(n, generator=g)]
 
 
+@pytest.fixture(params=["unprefetched", "prefetched"])
+def prefetch(request, monkeypatch) -> str:
+    """Run the loops as on registers below ``PREFETCH_FROM`` values, or as on larger ones: in blocks, the
+    lines ahead asked for (``PREFETCH_FROM`` lowered to 0, so every register here is 'large')."""
+    if request.param == "prefetched":
+        monkeypatch.setattr(rounding_loop, "PREFETCH_FROM", 0)
+    return request.param
+
+
 def reference(values: torch.Tensor, clamp: tuple[int, int]) -> tuple[np.ndarray, int]:
     """Codes (clamped) and the overflow count, one value at a time in exact rational arithmetic."""
     rounded = [ref.round_fraction(ref.Fraction(x), "nearest_even") for x in values.reshape(-1).tolist()]
@@ -38,7 +47,7 @@ def reference(values: torch.Tensor, clamp: tuple[int, int]) -> tuple[np.ndarray,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("clamp", [(FORMAT.min_code, FORMAT.max_code), (0, 40)])
-def test_the_loop_gives_the_reference_codes_and_count(dtype: torch.dtype, layout: str, clamp: tuple[int, int]) -> None:
+def test_the_loop_gives_the_reference_codes_and_count(dtype: torch.dtype, layout: str, clamp: tuple[int, int], prefetch: str) -> None:
     # 4 x 8 x 65 x 65 = 135 200 values: more than two pieces, the last one short
     v = scaled_values(4 * 8 * 65 * 65, dtype).reshape(4, 8, 65, 65)
     if layout == "channels_last":
@@ -51,13 +60,16 @@ def test_the_loop_gives_the_reference_codes_and_count(dtype: torch.dtype, layout
     halved, expected_halved = torch.empty_like(into), reference(v * 0.5, clamp)  # a scale: the network input
     assert rounding_loop.round_into(v, halved, FORMAT, clamp, scale=0.5) == expected_halved[1]
     np.testing.assert_array_equal(halved.reshape(-1).numpy().astype(np.int64), expected_halved[0])
+    halved_over = v.clone()  # a scale, over itself: the network input's copy
+    assert rounding_loop.round_into(halved_over, halved_over, FORMAT, clamp, scale=0.5) == expected_halved[1]
+    np.testing.assert_array_equal(halved_over.reshape(-1).numpy().astype(np.int64), expected_halved[0])
     overflowed = rounding_loop.round_into(v, v, FORMAT, clamp)  # over itself
     assert overflowed == expected_overflows and v.dtype == dtype
     np.testing.assert_array_equal(v.reshape(-1).numpy().astype(np.int64), expected)
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float64, torch.float32), (torch.float32, torch.float64)])
-def test_the_add_loop_gives_the_reference_codes_and_count(dtypes: tuple[torch.dtype, torch.dtype]) -> None:
+def test_the_add_loop_gives_the_reference_codes_and_count(dtypes: tuple[torch.dtype, torch.dtype], prefetch: str) -> None:
     g = torch.Generator().manual_seed(4)
     shape = (4, 8, 65, 65)
     a = torch.randint(-2**10, 2**10, shape, generator=g).to(dtypes[0]).contiguous(memory_format=torch.channels_last)
@@ -77,7 +89,7 @@ def test_the_add_loop_gives_the_reference_codes_and_count(dtypes: tuple[torch.dt
 @pytest.mark.parametrize("images", [1, 4])  # 33 800 values: on the calling thread; 135 200: in pieces
 @pytest.mark.parametrize("dot_first", [True, False])
 def test_a_register_and_its_residual_add_in_one_loop_give_the_reference_codes_and_counts(
-    layout: str, images: int, dot_first: bool
+    layout: str, images: int, dot_first: bool, prefetch: str
 ) -> None:
     g = torch.Generator().manual_seed(5)
     v = scaled_values(images * 8 * 65 * 65, torch.float32).reshape(images, 8, 65, 65)  # the layer's register, FORMAT
@@ -126,6 +138,11 @@ def test_the_rounder_uses_the_loop_only_where_it_applies(monkeypatch) -> None:
     assert not supports(FORMAT, v.reshape(64, 64).t()[::2])  # not dense
     assert not supports(FORMAT, v.to(torch.int32))
     assert not supports(FORMAT, v.reshape(64, 64), v.reshape(64, 64).t().contiguous().t())  # memory orders differ
+
+
+def test_registers_larger_than_a_cache_are_prefetched() -> None:
+    assert rounding_loop._ahead(rounding_loop.PREFETCH_FROM) == 0
+    assert rounding_loop._ahead(rounding_loop.PREFETCH_FROM + 1) == rounding_loop.AHEAD > 0
 
 
 def test_the_loop_runs_on_torchs_thread_count() -> None:
