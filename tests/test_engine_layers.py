@@ -12,7 +12,7 @@ from torch import nn
 import integer_reference as ref
 from fxpsweep.engine.fixedpoint import QFormat
 from fxpsweep.engine.kernels import OneDNNInt8Kernel, onednn_digit_bits
-from fxpsweep.engine.ops import FixedAdd, FixedAvgPool, FixedCat, FixedDot
+from fxpsweep.engine.ops import FixedAdd, FixedAvgPool, FixedCat, FixedDot, FixedInput
 from fxpsweep.engine.settings import QuantSettings
 
 ROUNDINGS = ["nearest_even", "nearest_up", "nearest_away", "floor", "toward_zero"]
@@ -150,6 +150,51 @@ def test_avg_pool_codes_equal_the_reference(seed: int, device) -> None:
     settings = QuantSettings(param_bits=8, fwd_bits=wo, rounding=rounding, overflow=overflow)
     got = run_op(op, device, settings, QFormat(wo, fo, rounding, overflow), [QFormat(wa, fa, rounding, overflow)], x)
     np.testing.assert_array_equal(got, ref.avg_pool(x, rows, cols, fa, wo, fo, rounding, overflow))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "float64"])
+def test_the_input_register_rounds_a_copy_never_the_callers_tensor(layout: str, device) -> None:
+    # The codes are written over the channels-last or float32 copy the register makes, where it makes one;
+    # a channels-last float32 input is read, not written.
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(6)) * 12
+    x = {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last), "float64": x.double()}[layout].to(device)
+    given = x.clone()
+    fmt = QFormat(8, 3)
+    op = FixedInput("input").to(device)
+    op.finalize(fmt, [], QuantSettings(param_bits=8, fwd_bits=8), 0)
+    with torch.no_grad():
+        codes = op(x)
+    assert torch.equal(x, given) and codes.data_ptr() != x.data_ptr()
+    expected = [ref.overflow_int(ref.round_fraction(ref.Fraction(v) * 8, "nearest_even"), 8, "saturate") for v in x.cpu().reshape(-1).tolist()]
+    np.testing.assert_array_equal(codes.cpu().contiguous().reshape(-1).to(torch.int64).numpy(), expected)
+    assert op.overflows == sum(not -128 <= ref.round_fraction(ref.Fraction(v) * 8, "nearest_even") <= 127 for v in x.cpu().reshape(-1).tolist()) > 0
+
+
+@pytest.mark.parametrize("bits", [8, 16, 20])
+@pytest.mark.parametrize("pool", ["global 7x7", "global 8x8", "3x3 stride 2"])
+def test_pools_of_float32_codes_equal_the_reference(bits: int, pool: str, device) -> None:
+    # In a network, codes of up to 24 bits come as float32: the window sums are taken in float32 where no
+    # window's can reach 2**24 (a 7 x 7 window of 16-bit codes, a 3 x 3 one of 20-bit codes), else in
+    # float64 (7 x 7 or 8 x 8 of 20-bit codes). Extreme codes, whole windows of the largest and smallest,
+    # and one window of the largest but one 96: at 20 bits, 8 x 8, its sum 64 * 516096 + 33 (above 2**24, odd)
+    # would become the tie 64 * 516096 + 32 in float32 and round to 516096, not 516097.
+    rng = np.random.default_rng(bits)
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    size = 8 if pool == "global 8x8" else 7
+    x = rng.choice([low, low + 1, high - 1, high], size=(2, 3, size, size))
+    x[0, 0], x[0, 1], x[1, 2] = high, low, high
+    x[1, 2, 0, 0] = 96
+    if pool.startswith("global"):
+        op = FixedAvgPool("pool", output_size=(1, 1))
+        rows = cols = ref.adaptive_windows(size, 1)
+    else:
+        op = FixedAvgPool("pool", kernel_size=3, stride=2, padding=1, ceil_mode=False, count_include_pad=True)
+        rows = cols = ref.pool_windows(size, 3, 2, 1, False, True)
+    fmt = QFormat(bits, 2)
+    op.to(device).finalize(fmt, [fmt], QuantSettings(param_bits=8, fwd_bits=bits), 0)
+    with torch.no_grad():
+        out = op(torch.tensor(x, dtype=torch.float32, device=device))
+    np.testing.assert_array_equal(out.cpu().to(torch.int64).numpy(), ref.avg_pool(x, rows, cols, 2, bits, 2, "nearest_even", "saturate"))
 
 
 @pytest.mark.parametrize("window", [(1, 2), (2, 2), (4, 4), (8, 8)])

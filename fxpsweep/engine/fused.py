@@ -178,12 +178,12 @@ class Rounder:
         codes, overflowed = _ROUND(v, *self._bounds(v), *self.args)
         return codes, int(overflowed)
 
-    def scale_and_round(self, x: torch.Tensor, scale: float) -> tuple[torch.Tensor, int]:
-        """``round(x * scale)`` for a power of two ``scale`` (the network input)."""
+    def scale_and_round(self, x: torch.Tensor, scale: float, in_place: bool = False) -> tuple[torch.Tensor, int]:
+        """``round(x * scale)`` for a power of two ``scale`` (the network input); ``in_place`` as in ``round``."""
         if self.fmt.rounding == "stochastic":
             return self._stochastic(x * scale)
         if rounding_loop.supports(self.fmt, x):
-            out = torch.empty_like(x, dtype=self.dtype)
+            out = x if in_place and x.dtype == self.dtype else torch.empty_like(x, dtype=self.dtype)
             return out, rounding_loop.round_into(x, out, self.fmt, self.clamp, scale)
         codes, overflowed = _SCALE_ROUND(x, torch.tensor(scale, dtype=x.dtype, device=x.device), *self._bounds(x), *self.args)
         return codes, int(overflowed)
