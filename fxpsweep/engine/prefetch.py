@@ -12,11 +12,15 @@ no value.
 
 from __future__ import annotations
 
-import numba
-from llvmlite import ir
-from numba import types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from fxpsweep.engine.vector_width import prefer_wide_vectors
+
+prefer_wide_vectors()  # before numba's code generator starts: defining an intrinsic below starts it
+
+import numba  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import types  # noqa: E402
+from numba.core import cgutils  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
 
 LINE_VALUES = 16  # float32 values per 64-byte cache line (float64 arrays are asked for every other line: enough)
 
