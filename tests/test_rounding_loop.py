@@ -152,5 +152,17 @@ def test_the_loop_runs_on_torchs_thread_count() -> None:
         v = scaled_values(1 << 17, torch.float32)
         rounding_loop.round_into(v, v, FORMAT, (FORMAT.min_code, FORMAT.max_code))
         assert numba.get_num_threads() == 1
+        torch.set_num_threads(2)  # and back, where numba has that many
+        rounding_loop.round_into(v, v, FORMAT, (FORMAT.min_code, FORMAT.max_code))
+        assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("values, threads", [(10, 3), (1 << 17, 2), ((1 << 17) + 1, 2), (5, 8)])
+def test_threads_share_a_register_in_contiguous_ranges_in_order(values: int, threads: int) -> None:
+    # As torch's parallel_for shares an element-wise operation: thread 0 the first range, and so on.
+    ranges = [rounding_loop._share(values, threads, t) for t in range(threads)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == values
+    assert all(a[1] == b[0] and a[0] <= a[1] for a, b in zip(ranges, ranges[1:]))
+    assert max(b - a for a, b in ranges) == -(-values // threads)

@@ -26,6 +26,7 @@ exact by its caller's bound, so no order of evaluation can change it.
 from __future__ import annotations
 
 import functools
+import threading
 
 import numba
 import numpy as np
@@ -38,7 +39,7 @@ from fxpsweep.engine.vector_width import prefer_wide_vectors
 _DTYPES = (torch.float32, torch.float64)  # the codes' dtypes (see ops.code_dtype)
 prefer_wide_vectors()  # before the first loop is compiled
 
-PIECE = 1 << 16  # values per piece: the unit of work of a thread, and the float32 count stays below 2**24
+PIECE = 1 << 16  # values per call of a loop: its float32 count stays below 2**24 (exact)
 # A register of more than PREFETCH_FROM values (4 MiB of float32, more than a core's L2 cache) comes from
 # memory: its pieces are walked in blocks of BLOCK values, the cache lines AHEAD values on asked for before
 # each (``prefetch``). 2 KiB blocks, 4 KiB ahead: the fastest of 512 or 2048 values by 1024, 4096 or 16384
@@ -128,13 +129,25 @@ def _one_loop(a, scale_a, b, scale_b, out, low, high, clamp_low, clamp_high, loo
     return count
 
 
+@numba.njit(inline="always")
+def _share(values, threads, t):  # pragma: no cover (compiled)
+    """Thread ``t``'s values of ``values`` shared among ``threads``: one contiguous range each, in order,
+    as torch's ``parallel_for`` shares an element-wise operation."""
+    chunk = (values + threads - 1) // threads
+    return min(values, t * chunk), min(values, (t + 1) * chunk)
+
+
 @numba.njit(parallel=True, boundscheck=False, cache=True)
-def _in_pieces(a, scale_a, b, scale_b, out, low, high, clamp_low, clamp_high, loop, ahead):  # pragma: no cover
-    """``_one_loop`` in pieces of ``PIECE`` values, shared among numba's threads; the overflow count."""
-    counts = np.zeros((a.size + PIECE - 1) // PIECE, np.int64)
-    for p in numba.prange(counts.size):
-        s = slice(p * PIECE, min(a.size, (p + 1) * PIECE))
-        counts[p] = _one_loop(a[s], scale_a, b[s], scale_b, out[s], low, high, clamp_low, clamp_high, loop, ahead)
+def _in_pieces(a, scale_a, b, scale_b, out, low, high, clamp_low, clamp_high, loop, ahead, threads):  # pragma: no cover
+    """``_one_loop`` shared among ``threads`` of numba's threads (``_share``), each walking its range in
+    pieces of at most ``PIECE`` values; the overflow count."""
+    counts = np.zeros(threads, np.int64)
+    for t in numba.prange(threads):
+        first, last = _share(a.size, threads, t)
+        for start in range(first, last, PIECE):
+            stop = min(last, start + PIECE)
+            counts[t] += _one_loop(a[start:stop], scale_a, b[start:stop], scale_b, out[start:stop], low, high, clamp_low,
+                                   clamp_high, loop, ahead)
     return counts.sum()
 
 
@@ -173,14 +186,17 @@ def _round_then_add_over(v, b, scale_k, scale_b, low, high, clamp_low, clamp_hig
 
 
 @numba.njit(parallel=True, boundscheck=False, cache=True)
-def _round_then_add_in_pieces(v, b, scale_k, scale_b, bounds, add_bounds, ahead):  # pragma: no cover (compiled)
-    """``_round_then_add_over`` in pieces of ``PIECE`` values, shared among numba's threads; the two counts."""
-    pieces = (v.size + PIECE - 1) // PIECE
-    register = np.zeros(pieces, np.int64)
-    added = np.zeros(pieces, np.int64)
-    for p in numba.prange(pieces):
-        s = slice(p * PIECE, min(v.size, (p + 1) * PIECE))
-        register[p], added[p] = _round_then_add_over(v[s], b[s], scale_k, scale_b, *bounds, *add_bounds, ahead)
+def _round_then_add_in_pieces(v, b, scale_k, scale_b, bounds, add_bounds, ahead, threads):  # pragma: no cover (compiled)
+    """``_round_then_add_over`` shared among threads as ``_in_pieces`` shares its loops; the two counts."""
+    register = np.zeros(threads, np.int64)
+    added = np.zeros(threads, np.int64)
+    for t in numba.prange(threads):
+        first, last = _share(v.size, threads, t)
+        for start in range(first, last, PIECE):
+            stop = min(last, start + PIECE)
+            counts = _round_then_add_over(v[start:stop], b[start:stop], scale_k, scale_b, *bounds, *add_bounds, ahead)
+            register[t] += counts[0]
+            added[t] += counts[1]
     return register.sum(), added.sum()
 
 
@@ -225,8 +241,7 @@ def _run(loop: int, fmt: QFormat, clamp: tuple[int, int], a: torch.Tensor, out: 
         # Nothing to share: waking numba's threads would cost more than the loop (a 16 x 32 x 32 register:
         # 29 us in pieces, 17 us here, on a 2-core Xeon).
         return int(_one_loop(*args))
-    follow_torch_threads()
-    return int(_in_pieces(*args))
+    return int(_in_pieces(*args, follow_torch_threads()))
 
 
 def _ahead(values: int) -> int:
@@ -234,12 +249,20 @@ def _ahead(values: int) -> int:
     return AHEAD if values > PREFETCH_FROM else 0
 
 
-def follow_torch_threads() -> None:
+_THREADS_SET: dict[int, int] = {}  # Python thread -> the number of numba threads set for it (numba's is per thread)
+
+
+def follow_torch_threads() -> int:
     """Run numba's parallel loops on torch's number of threads (numba's default threading layer here, omp,
-    shares torch's OpenMP runtime)."""
+    shares torch's OpenMP runtime); that number. Set only when torch's changed: asking numba for its own
+    number right after a torch operation took 12 us, about what a 16 x 32 x 32 register's loop takes
+    (2-core Xeon, AMX; ad hoc)."""
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if numba.get_num_threads() != threads:
+    caller = threading.get_ident()
+    if _THREADS_SET.get(caller) != threads:
         numba.set_num_threads(threads)
+        _THREADS_SET[caller] = threads
+    return threads
 
 
 @functools.lru_cache(maxsize=1024)  # a few per register; called for every one it rounds
@@ -284,6 +307,6 @@ def round_then_add(v: torch.Tensor, fmt: QFormat, clamp: tuple[int, int], scale_
     if flat_v.size <= PIECE:  # as in _run: nothing to share
         register, added = _round_then_add_over(flat_v, flat_b, work(scale_k), work(scale_b), *bounds, *add_bounds, ahead)
     else:
-        follow_torch_threads()
-        register, added = _round_then_add_in_pieces(flat_v, flat_b, work(scale_k), work(scale_b), bounds, add_bounds, ahead)
+        register, added = _round_then_add_in_pieces(flat_v, flat_b, work(scale_k), work(scale_b), bounds, add_bounds, ahead,
+                                                    follow_torch_threads())
     return int(register), int(added)
