@@ -10,14 +10,17 @@ writes the count as a loop of its own before the loop that stores the codes,
 so that pass reads the register twice.
 
 Part 1, on the largest register of the model (its real values, captured
-during a forward pass): the loop, the compiled pass, the same compiled pass
-without the count, a float32 ReLU6 (``clamp_``, what float32 inference spends
+during a forward pass): the loop, the loop without its prefetching (below),
+the compiled pass, the same compiled pass without the count, a float32 ReLU6 (``clamp_``, what float32 inference spends
 on that register) and one read (``sum``); each on a fresh copy of the
 register, whose time is given and subtracted. Part 2: images/s of float32
 (BatchNorm folded, channels-last, the baseline of ``throughput.py``), of the
-network as the engine runs it (the loops), of the same network on the
-compiled passes, and on the compiled passes without the count (codes checked
-equal; counts not kept), timed in turn, best of five rounds.
+network as the engine runs it (the loops), of the same network with the
+loops' prefetching off, on the compiled passes, and on the compiled passes
+without the count (codes checked equal; counts not kept), timed in turn,
+best of five rounds. The loops ask for the cache lines of the next 2 KiB
+block before each on registers of more than ``rounding_loop.PREFETCH_FROM``
+values; "prefetching off" raises that threshold above every register.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from throughput import INPUT_SIZE, ChannelsLast, best_images_per_second, fxpsweep_network, random_model
+from throughput import INPUT_SIZE, ChannelsLast, best_images_per_second, fxpsweep_network, random_model, setup_note
 from torch.fx.experimental.optimization import fuse
 
 from fxpsweep.engine import fused, rounding_loop
 from fxpsweep.engine.fixedpoint import QFormat, round_to_integer
+from fxpsweep.engine.host_memory import freed_memory_kept
 from fxpsweep.engine.kernel_choice import processor_name
 
 
@@ -60,6 +64,23 @@ def best_ms(run: Callable[[], object], rounds: int = 7) -> float:
         run()
         seconds = min(seconds, time.perf_counter() - start)
     return seconds * 1e3
+
+
+@contextlib.contextmanager
+def unprefetched() -> Iterator[None]:
+    """While the block runs, the loops prefetch on no register."""
+    threshold = rounding_loop.PREFETCH_FROM
+    rounding_loop.PREFETCH_FROM = math.inf
+    try:
+        yield
+    finally:
+        rounding_loop.PREFETCH_FROM = threshold
+
+
+def loop_pass_unprefetched(*args):
+    """``loop_pass`` with the loops' prefetching off."""
+    with unprefetched():
+        return loop_pass(*args)
 
 
 @contextlib.contextmanager
@@ -96,6 +117,7 @@ def pass_costs(register: torch.Tensor, args: tuple) -> list[tuple[str, float]]:
     fresh = lambda: work.copy_(register)  # noqa: E731
     passes = {
         "engine's loop: round, count, clamp (numba)": lambda: loop_pass(fresh(), *args),
+        "the same loop, prefetching off": lambda: loop_pass_unprefetched(fresh(), *args),
         "compiled pass: round, count, clamp (torch.compile)": lambda: COUNTED(fresh(), *args),
         "the same without the count (compiled)": lambda: UNCOUNTED(fresh(), *args),
         "float32 ReLU6 (clamp_, eager)": lambda: fresh().clamp_(0, 6),
@@ -114,7 +136,15 @@ def main() -> None:
     parser.add_argument("--arithmetic", default="exact")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="glibc malloc keeps freed memory for reuse, as a job on the CPU does while it runs (device.keep_freed_memory)")
     args = parser.parse_args()
+    with freed_memory_kept(args.keep_freed_memory) as kept:
+        report(args, kept)
+
+
+def report(args: argparse.Namespace, kept: bool) -> None:
+    """Measure and print (``main``'s arguments; ``kept``: whether freed host memory is kept for reuse)."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     size = INPUT_SIZE.get(args.model, 224)
@@ -124,7 +154,8 @@ def main() -> None:
     net = fxpsweep_network(model, batch, args.bits, args.arithmetic)
     register, pass_args = largest_register(net, batch)
     print(f"# {args.model}, {args.bits}-bit {args.arithmetic}, batch {args.batch}, {args.threads} threads, "
-          f"{processor_name()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}\n")
+          f"{processor_name()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
+          f"{setup_note(kept)}\n")
     print(f"Part 1: the largest register, {tuple(register.shape)} {register.dtype} "
           f"({register.numel() * register.element_size() / 2**20:.0f} MiB).\n")
     print("| pass | ms |\n|---|---:|")
@@ -137,9 +168,14 @@ def main() -> None:
                 return net(x)
         return run
 
+    def no_prefetch(x: torch.Tensor) -> torch.Tensor:
+        with unprefetched():
+            return net(x)
+
     configurations = {
         "float32, folded, channels-last": baseline,
         "fxpsweep (the loops)": net,
+        "fxpsweep (the loops), prefetching off": no_prefetch,
         "fxpsweep on compiled passes": network(COUNTED),
         "fxpsweep on compiled passes, overflow count left out": network(UNCOUNTED),
     }
@@ -147,7 +183,7 @@ def main() -> None:
         outputs = [run(batch) for run in list(configurations.values())[1:]]
     same = all(torch.equal(outputs[0], out) for out in outputs[1:])
     per_second = best_images_per_second(configurations, batch, rounds=5)  # in turn: a disturbance hits all alike
-    print(f"\nPart 2: one batch, best of five rounds; outputs of the three fxpsweep runs equal: {same}.\n")
+    print(f"\nPart 2: one batch, best of five rounds; outputs of the fxpsweep runs equal: {same}.\n")
     print("| configuration | ms a batch | images/s | x float32 |\n|---|---:|---:|---:|")
     reference = per_second["float32, folded, channels-last"]
     for name, ips in per_second.items():
