@@ -534,8 +534,8 @@ class FixedAvgPool(FixedOp):
                 window = (h // out_h, w // out_w)
                 sums = F.avg_pool2d(x, window, window, divisor_override=1)  # integers below 2**53: exact
                 return sums, torch.full_like(sums[0, 0], float(window[0] * window[1]))
-            rows = _adaptive_windows(x.shape[-2], out_h).to(x.device)
-            cols = _adaptive_windows(x.shape[-1], out_w).to(x.device)
+            rows = _adaptive_windows(x.shape[-2], out_h).to(x.device, x.dtype)
+            cols = _adaptive_windows(x.shape[-1], out_w).to(x.device, x.dtype)
             sums = torch.einsum("ih,nchw,jw->ncij", rows, x, cols)  # integers below 2**53: exact
             divisors = torch.outer(rows.sum(1), cols.sum(1))
             return sums, divisors
