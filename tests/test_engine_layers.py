@@ -171,7 +171,7 @@ def test_the_input_register_rounds_a_copy_never_the_callers_tensor(layout: str, 
 
 
 @pytest.mark.parametrize("bits", [8, 16, 20])
-@pytest.mark.parametrize("pool", ["global 7x7", "global 8x8", "3x3 stride 2"])
+@pytest.mark.parametrize("pool", ["global 7x7", "global 8x8", "3x3 stride 2", "adaptive 7x7 to 3x3"])
 def test_pools_of_float32_codes_equal_the_reference(bits: int, pool: str, device) -> None:
     # In a network, codes of up to 24 bits come as float32: the window sums are taken in float32 where no
     # window's can reach 2**24 (a 7 x 7 window of 16-bit codes, a 3 x 3 one of 20-bit codes), else in
@@ -187,6 +187,9 @@ def test_pools_of_float32_codes_equal_the_reference(bits: int, pool: str, device
     if pool.startswith("global"):
         op = FixedAvgPool("pool", output_size=(1, 1))
         rows = cols = ref.adaptive_windows(size, 1)
+    elif pool.startswith("adaptive"):  # windows of unequal sizes, overlapping
+        op = FixedAvgPool("pool", output_size=(3, 3))
+        rows = cols = ref.adaptive_windows(size, 3)
     else:
         op = FixedAvgPool("pool", kernel_size=3, stride=2, padding=1, ceil_mode=False, count_include_pad=True)
         rows = cols = ref.pool_windows(size, 3, 2, 1, False, True)
