@@ -11,8 +11,9 @@ so that pass reads the register twice.
 
 Part 1, on the largest register of the model (its real values, captured
 during a forward pass): the loop, the loop without its prefetching (below),
-the compiled pass, the same compiled pass without the count, a float32 ReLU6 (``clamp_``, what float32 inference spends
-on that register) and one read (``sum``); each on a fresh copy of the
+the compiled pass, the same compiled pass without the count, a float32 ReLU6
+(``clamp_``, what float32 inference spends on that register) and one read
+(``sum``); each on a fresh copy of the
 register, whose time is given and subtracted. Part 2: images/s of float32
 (BatchNorm folded, channels-last, the baseline of ``throughput.py``), of the
 network as the engine runs it (the loops), of the same network with the
