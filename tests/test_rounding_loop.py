@@ -166,3 +166,17 @@ def test_threads_share_a_register_in_contiguous_ranges_in_order(values: int, thr
     assert ranges[0][0] == 0 and ranges[-1][1] == values
     assert all(a[1] == b[0] and a[0] <= a[1] for a, b in zip(ranges, ranges[1:]))
     assert max(b - a for a, b in ranges) == -(-values // threads)
+
+
+@pytest.mark.parametrize("shape, layout", [((4, 6, 1, 1), "channels_last"), ((1, 1, 8, 8), "channels_last"),
+                                           ((2, 6, 4, 1), "channels_last"), ((8, 11), "contiguous")])
+def test_a_register_of_size_one_dimensions_is_rounded_over_itself(shape: tuple[int, ...], layout: str) -> None:
+    # The loops walk a NumPy view of the tensor's memory: it must be the tensor's memory, not a copy of it.
+    v = scaled_values(math.prod(shape), torch.float32).reshape(shape)
+    if layout == "channels_last":
+        v = v.contiguous(memory_format=torch.channels_last)
+    assert rounding_loop.supports(FORMAT, v) and np.shares_memory(rounding_loop._flat(v), v.numpy())
+    expected, expected_overflows = reference(v.permute(0, 2, 3, 1) if layout == "channels_last" else v, (0, 40))
+    assert rounding_loop.round_into(v, v, FORMAT, (0, 40)) == expected_overflows
+    in_memory_order = v.permute(0, 2, 3, 1) if layout == "channels_last" else v
+    np.testing.assert_array_equal(in_memory_order.reshape(-1).numpy().astype(np.int64), expected)
