@@ -180,3 +180,38 @@ def test_a_register_of_size_one_dimensions_is_rounded_over_itself(shape: tuple[i
     assert rounding_loop.round_into(v, v, FORMAT, (0, 40)) == expected_overflows
     in_memory_order = v.permute(0, 2, 3, 1) if layout == "channels_last" else v
     np.testing.assert_array_equal(in_memory_order.reshape(-1).numpy().astype(np.int64), expected)
+
+
+@pytest.mark.parametrize("term_dtype, extra", [(torch.float32, None), (torch.int32, torch.float32), (torch.float32, "broadcast")])
+@pytest.mark.parametrize("images", [1, 4])  # 4 x 16 x 33 x 33 = 69 696 values: shared among threads; 1: on the caller's
+def test_kernel_terms_summed_and_rounded_in_one_loop_give_the_reference(term_dtype: torch.dtype, extra, images: int) -> None:
+    # A kernel's terms (kernels.Terms): pieces times powers of two, a window-sums term of another dtype or
+    # broadcast over the channels, a per-channel offset, scale and bias; ties and overflows on both sides.
+    g = torch.Generator().manual_seed(5)
+    shape, channels = (images, 16, 33, 33), 16
+    terms = [torch.randint(-2**14, 2**14, shape, generator=g).to(term_dtype).contiguous(memory_format=torch.channels_last)
+             for _ in range(3)]
+    multipliers = [1.0, 256.0, 2.0**-3]
+    if extra == "broadcast":  # one value per pixel, as a linear layer's window sums: (N, 1, H, W)
+        terms.append(torch.randint(-600, 600, (images, 1, 33, 33), generator=g).float())
+        multipliers.append(128.0)
+    elif extra is not None:  # another dtype, in NCHW order
+        terms.append(torch.randint(-600, 600, shape, generator=g).to(extra))
+        multipliers.append(128.0)
+    offset = torch.randint(-2**20, 2**20, (1, channels, 1, 1), generator=g).double()
+    scale = 2.0 ** -torch.randint(10, 13, (1, channels, 1, 1), generator=g).double()
+    bias = torch.randint(-2**12, 2**12, (1, channels, 1, 1), generator=g).double() / 4
+    fmt, clamp = QFormat(12, 0), (-100, 1500)
+    assert rounding_loop.combines(fmt, terms, offset)
+    out = torch.empty_like(terms[0], dtype=torch.float32)
+    overflowed = rounding_loop.combine_round_into(terms, multipliers, offset, scale, bias, out, fmt, clamp)
+    values = [torch.broadcast_to(t, shape).permute(0, 2, 3, 1).reshape(-1, channels).tolist() for t in terms]
+    expected, expected_overflows = [], 0
+    for pixel in range(len(values[0])):
+        for c in range(channels):
+            acc = sum(ref.Fraction(int(v[pixel][c])) * ref.Fraction(m) for v, m in zip(values, multipliers)) + int(offset[0, c, 0, 0])
+            k = ref.round_fraction(acc * ref.Fraction(float(scale[0, c, 0, 0])) + ref.Fraction(float(bias[0, c, 0, 0])), "nearest_even")
+            expected_overflows += not fmt.min_code <= k <= fmt.max_code
+            expected.append(min(max(ref.overflow_int(k, fmt.total_bits, "saturate"), clamp[0]), clamp[1]))
+    np.testing.assert_array_equal(out.permute(0, 2, 3, 1).reshape(-1).numpy().astype(np.int64), expected)
+    assert overflowed == expected_overflows > 0

@@ -9,8 +9,8 @@ comparisons, clamps and conversions of integers are exact), so the codes are
 identical; ``tests/test_fused.py`` checks it.
 
 On the CPU, the default rule (round half to even, saturate) of a register,
-of the network input and of a residual add runs instead as
-``rounding_loop``'s hand-written loops, which count overflows in the loop
+of the network input, of a residual add and of a kernel's terms runs instead
+as ``rounding_loop``'s hand-written loops, which count overflows in the loop
 that stores the codes; torch.compile's CPU code reads the register twice
 for that.
 
@@ -207,6 +207,9 @@ class Rounder:
         in one pass (see ``combine``)."""
         if self.fmt.rounding == "stochastic":
             return self._stochastic(combine(terms, multipliers, offset_sums, scale, bias))
+        if rounding_loop.combines(self.fmt, terms, offset_sums):  # one read of each term, as for a register
+            out = torch.empty_like(terms[0], dtype=self.dtype)
+            return out, rounding_loop.combine_round_into(terms, multipliers, offset_sums, scale, bias, out, self.fmt, self.clamp)
         weights = _multipliers(multipliers, terms[0].device)
         codes, overflowed = _COMBINE_ROUND(terms[0], terms[1:], weights, offset_sums, scale, bias, *self._bounds(scale), *self.args)
         return codes, int(overflowed)
