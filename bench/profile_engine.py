@@ -39,6 +39,7 @@ NUMBA_LOOPS = [
     (rounding_loop, "round_into", "numba: rounding pass of a register"),
     (rounding_loop, "add_round_into", "numba: residual add and its rounding"),
     (rounding_loop, "round_then_add", "numba: a register and the residual add reading it, one pass"),
+    (rounding_loop, "combine_round_into", "numba: a kernel's terms summed and rounded"),
     (depthwise_loop, "depthwise_into", "numba: depthwise convolution and its rounding"),
 ]
 
