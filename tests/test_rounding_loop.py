@@ -215,3 +215,14 @@ def test_kernel_terms_summed_and_rounded_in_one_loop_give_the_reference(term_dty
             expected.append(min(max(ref.overflow_int(k, fmt.total_bits, "saturate"), clamp[0]), clamp[1]))
     np.testing.assert_array_equal(out.permute(0, 2, 3, 1).reshape(-1).numpy().astype(np.int64), expected)
     assert overflowed == expected_overflows > 0
+
+
+def test_kernel_terms_the_loop_cannot_take_stay_on_the_compiled_pass() -> None:
+    cl = torch.zeros(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert rounding_loop.combines(FORMAT, [cl, cl.clone()], None)
+    assert not rounding_loop.combines(QFormat(9, 0, rounding="floor"), [cl, cl.clone()], None)  # another rule
+    assert not rounding_loop.combines(FORMAT, [cl.contiguous(), cl.clone()], None)  # channels not innermost
+    assert not rounding_loop.combines(FORMAT, [cl.double(), cl.clone()], None)  # float64 pieces: no kernel makes them
+    assert not rounding_loop.combines(FORMAT, [cl, cl.double(), cl.int()], None)  # two other dtypes
+    assert not rounding_loop.combines(FORMAT, [cl, cl[:, :4]], None)  # neither its shape nor broadcast to it
+    assert not rounding_loop.combines(FORMAT, [cl, cl.clone()], torch.zeros(1, 4, 1, 1))  # offset not per channel
