@@ -192,7 +192,7 @@ def test_kernel_terms_summed_and_rounded_in_one_loop_give_the_reference(term_dty
     terms = [torch.randint(-2**14, 2**14, shape, generator=g).to(term_dtype).contiguous(memory_format=torch.channels_last)
              for _ in range(3)]
     multipliers = [1.0, 256.0, 2.0**-3]
-    if extra == "broadcast":  # one value per pixel, as a linear layer's window sums: (N, 1, H, W)
+    if extra == "broadcast":  # one value per pixel for every channel, as a linear layer's window sums (N, 1) are
         terms.append(torch.randint(-600, 600, (images, 1, 33, 33), generator=g).float())
         multipliers.append(128.0)
     elif extra is not None:  # another dtype, in NCHW order
