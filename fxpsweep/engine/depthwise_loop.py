@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fxpsweep.engine.fixedpoint import QFormat
-from fxpsweep.engine.rounding_loop import clamped_code, code_bounds, follow_torch_threads
+from fxpsweep.engine.rounding_loop import clamped_code, follow_torch_threads, loop_constants
 
 
 @numba.njit(parallel=True, boundscheck=False, fastmath={"reassoc", "contract"}, cache=True)
@@ -88,5 +88,7 @@ def depthwise_into(
     follow_torch_threads()
     x = codes.detach().permute(0, 2, 3, 1).numpy()  # channels-last: (N, H, W, C), C-contiguous
     y = out.permute(0, 2, 3, 1).numpy()
-    bounds = code_bounds(fmt, clamp, y.dtype) if fmt is not None else (y.dtype.type(0),) * 4
+    bounds = (y.dtype.type(0),) * 4  # low, high, clamp_low, clamp_high in the codes' dtype (unused unless fmt)
+    if fmt is not None:
+        bounds = tuple(loop_constants(y.dtype.type, (1.0, 0.0), (fmt, clamp))[2:])
     return int(_depthwise(x, weight, scale, bias, tuple(stride), tuple(padding), tuple(dilation), y, *bounds, fmt is not None))

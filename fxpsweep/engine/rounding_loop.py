@@ -121,7 +121,7 @@ def _one_loop(loop, a, b, out, p, ahead):  # pragma: no cover (compiled)
     """One of the loops over 1-D arrays, on the calling thread; the overflow count. ``loop``: 0 rounds
     ``a * scale_a`` over ``a``, 1 rounds ``a * scale_a`` into ``out``, 2 rounds ``a * scale_a + b * scale_b``
     into ``out``, 3 rounds ``a`` over ``a`` (``scale_a`` 1); arrays a loop does not read are ignored. ``p``:
-    ``scale_a, scale_b, low, high, clamp_low, clamp_high`` (``_constants``). ``ahead`` > 0: in blocks of
+    ``scale_a, scale_b, low, high, clamp_low, clamp_high`` (``loop_constants``). ``ahead`` > 0: in blocks of
     ``BLOCK`` values, the lines of the arrays it reads and writes ``ahead`` values on asked for before each."""
     scale_a, scale_b, low, high, clamp_low, clamp_high = p[0], p[1], p[2], p[3], p[4], p[5]
     block = BLOCK if ahead else max(a.size, 1)
@@ -186,7 +186,7 @@ def _round_then_add_block(v, b, scale_k, scale_b, low, high, clamp_low, clamp_hi
 def _round_then_add_over(v, b, p, ahead):  # pragma: no cover (compiled)
     """``_round_then_add_block`` on the calling thread, in blocks with the lines ahead asked for where
     ``ahead`` > 0 (as ``_one_loop``); the two counts. ``p``: ``scale_k, scale_b``, then ``low, high,
-    clamp_low, clamp_high`` of the register and of the add (``_constants``)."""
+    clamp_low, clamp_high`` of the register and of the add (``loop_constants``)."""
     block = BLOCK if ahead else max(v.size, 1)
     register = added = 0
     for start in range(0, v.size, block):
@@ -302,7 +302,7 @@ def _flat(v: torch.Tensor) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=1024)  # a few per register; asked for every one it rounds
-def _constants(dtype: type, scales: tuple[float, float], *registers: tuple[QFormat, tuple[int, int]]) -> np.ndarray:
+def loop_constants(dtype: type, scales: tuple[float, float], *registers: tuple[QFormat, tuple[int, int]]) -> np.ndarray:
     """The loops' constants as one array of the working dtype ``dtype``: the two scales, then ``low, high,
     clamp_low, clamp_high`` of each register written (``clamped_code``). One array, not a dozen scalars:
     numba's dispatcher takes microseconds to type each argument of a call."""
@@ -319,7 +319,7 @@ def _run(loop: int, fmt: QFormat, clamp: tuple[int, int], a: torch.Tensor, out: 
     flat_a = _flat(a)
     flat_out = flat_a if out is a else _flat(out)
     flat_b = flat_a if b is None else _flat(b)
-    constants = _constants(flat_a.dtype.type, (scale_a, scale_b), (fmt, clamp))
+    constants = loop_constants(flat_a.dtype.type, (scale_a, scale_b), (fmt, clamp))
     if flat_a.size <= PIECE:
         # Nothing to share: waking numba's threads would cost more than the loop (a 16 x 32 x 32 register:
         # 29 us in pieces, 17 us here, on a 2-core Xeon).
@@ -346,13 +346,6 @@ def follow_torch_threads() -> int:
         numba.set_num_threads(threads)
         _THREADS_SET[caller] = threads
     return threads
-
-
-@functools.lru_cache(maxsize=1024)  # a few per register; called for every one it rounds
-def code_bounds(fmt: QFormat, clamp: tuple[int, int], dtype: np.dtype) -> tuple[np.generic, ...]:
-    """The arguments ``low, high, clamp_low, clamp_high`` of ``clamped_code`` in the codes' NumPy dtype."""
-    cast = np.dtype(dtype).type
-    return cast(fmt.min_code), cast(fmt.max_code), cast(clamp[0]), cast(clamp[1])
 
 
 def round_into(v: torch.Tensor, out: torch.Tensor, fmt: QFormat, clamp: tuple[int, int], scale: float = 1.0) -> int:
@@ -383,7 +376,7 @@ def round_then_add(v: torch.Tensor, fmt: QFormat, clamp: tuple[int, int], scale_
     the register and of the add. ``supports(fmt, v)`` and ``supports(add_fmt, v, b)`` must hold, and ``v``'s
     dtype hold both registers' codes and be the one the add is exact in."""
     flat_v, flat_b = _flat(v), _flat(b)
-    constants = _constants(flat_v.dtype.type, (scale_k, scale_b), (fmt, clamp), (add_fmt, add_clamp))
+    constants = loop_constants(flat_v.dtype.type, (scale_k, scale_b), (fmt, clamp), (add_fmt, add_clamp))
     ahead = _ahead(flat_v.size)
     if flat_v.size <= PIECE:  # as in _run: nothing to share
         register, added = _round_then_add_over(flat_v, flat_b, constants, ahead)
@@ -438,7 +431,7 @@ def combine_round_into(terms: list[torch.Tensor], multipliers: list[float], offs
     channels = first.shape[1]
     per_channel = [(v.reshape(-1) if v is not None else torch.zeros(channels, dtype=torch.float64)).double().numpy()
                    for v in (offset_sums, scale, bias)]
-    constants = _constants(np.float64, (1.0, 0.0), (fmt, clamp))
+    constants = loop_constants(np.float64, (1.0, 0.0), (fmt, clamp))
     args = (tuple(_flat(t) for t, _ in main), np.array([m for _, m in main]), _flat(extra), float(extra_weight),
             *per_channel, _flat(out))
     if first.numel() <= PIECE:  # as in _run: nothing to share
