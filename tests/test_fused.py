@@ -3,6 +3,11 @@ and both equal the integer reference."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -84,3 +89,31 @@ def test_combine_and_round_in_one_pass_equals_combine_then_round(rounding: str, 
     assert torch.equal(one_pass[0], two_passes[0]) and one_pass[1] == two_passes[1]
     assert 0 < two_passes[1] < v.numel()  # some values overflow, not all: the count is tested
     assert fused._Fused.broken is False
+
+
+PIECES_CHECK = textwrap.dedent("""
+    import torch
+    from fxpsweep.engine.fused import COMPILE_MIN_ELEMENTS, byte_pieces
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-2**15, 2**15, (4, COMPILE_MIN_ELEMENTS), generator=g, dtype=torch.int64)
+    (low, high), offset = byte_pieces(codes.float(), 16, unsigned=False)
+    # The integers' own remainder and floor division, not the pieces' float arithmetic:
+    assert torch.equal(low.long() + 128, codes % 256), "low bytes"
+    assert torch.equal(high.long(), codes.div(256, rounding_mode="floor")), "high pieces"
+    print(torch.backends.cpu.get_cpu_capability())
+""")
+
+
+def test_a_compiled_pass_served_from_the_cache_to_narrower_vectors_is_exact(tmp_path) -> None:
+    # Inductor's FX graph cache does not key CPU graphs by vector width: without fused._compile_options a
+    # graph generated for AVX-512 and read by a process held to AVX2 (one cache folder for a cluster's
+    # nodes) ran with wrong sums (torch 2.14.1). Where the machine has no AVX-512, the second process runs
+    # scalar code: that the pieces stay exact is checked all the same.
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    narrower = "avx2" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "default"
+    for capability in (None, narrower):  # the first fills the cache, the second reads it
+        run_env = env if capability is None else {**env, "ATEN_CPU_CAPABILITY": capability}
+        done = subprocess.run([sys.executable, "-c", PIECES_CHECK], env=run_env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == narrower.upper()  # the second process did run held to it

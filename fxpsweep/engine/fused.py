@@ -103,6 +103,24 @@ def _combine_round_overflow(first, rest, multipliers, offset_sums, scale, bias, 
     return _round_overflow(_combine([first, *rest], multipliers, offset_sums, scale, bias), *args)
 
 
+def _compile_options() -> dict[str, int]:
+    """Inductor options of the compiled passes: the CPU vector width named (bits; 0: none), the one it picks.
+
+    Inductor's on-disk FX graph cache does not key a CPU graph by the vector
+    instruction set it was generated for (its C++ kernels are built again for
+    the reading process's): a graph generated for AVX-512 and served to a
+    process held to AVX2 (``ATEN_CPU_CAPABILITY=avx2``, or a cache folder shared
+    by a cluster's nodes) gave wrong values, NaN among them (torch 2.14.1: the
+    8-bit pieces of a layer's input off by up to 2.75e4 in its output, caught
+    by the kernels' check; ``tests/test_fused.py``). A width named in the
+    options is part of the cache key.
+    """
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    width = pick_vec_isa().bit_width()
+    return {"cpp.simdlen": width}
+
+
 class _Fused:
     """``fn`` compiled on first use for large tensors, eager for small ones and wherever compiling fails."""
 
@@ -119,7 +137,7 @@ class _Fused:
             import torch._dynamo.config
 
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-            self.compiled = torch.compile(self.fn, dynamic=True)
+            self.compiled = torch.compile(self.fn, dynamic=True, options=_compile_options())
         try:
             return self.compiled(first, *args)
         except Exception as err:  # no compiler, an inductor bug: the eager operations give the same codes
