@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +14,8 @@ from torch import nn
 
 import integer_reference as ref
 from fxpsweep.engine.fixedpoint import QFormat
-from fxpsweep.engine.kernels import OneDNNInt8Kernel, onednn_digit_bits
+from fxpsweep.engine import kernels
+from fxpsweep.engine.kernels import Int8MatmulKernel, OneDNNInt8Kernel, onednn_digit_bits
 from fxpsweep.engine.ops import FixedAdd, FixedAvgPool, FixedCat, FixedDot, FixedInput
 from fxpsweep.engine.settings import QuantSettings
 
@@ -263,15 +267,9 @@ def test_extreme_sixteen_bit_weights_on_every_kernel(shape: str, device) -> None
     np.testing.assert_array_equal(got, ref.requantize_array(total, 24, 16, 0, "nearest_even", "saturate"))
 
 
-@pytest.mark.parametrize("shape", ["conv", "strided_depthwise", "linear"])
-@pytest.mark.parametrize("digit_bits", sorted({7, onednn_digit_bits()}))
-def test_extreme_eight_bit_codes_on_onednn_with_either_digit_width(shape: str, digit_bits: int, device) -> None:
-    # Every code at the end of its 8-bit range, products of one sign: where a library adds two
-    # uint8 x int8 products into a saturating int16 first (x86 without VNNI), 8-bit digits are off by
-    # millions; 7-bit digits (what fxpsweep uses there) are exact on every CPU. 8-bit digits are
-    # checked where this CPU sums in int32 (VNNI), the only place the engine uses them.
-    if device.type != "cpu":
-        pytest.skip("oneDNN int8 kernels run on the CPU")
+def extreme_eight_bit_layer(shape: str, device) -> tuple[FixedDot, np.ndarray, np.ndarray]:
+    """An 8-bit layer (``conv``, ``strided_depthwise`` or ``linear``) with every weight and input code at
+    the end of its range, products of one sign among them; the op, its input codes and weight codes."""
     rng = np.random.default_rng(3)
     if shape == "linear":
         module, x_shape = nn.Linear(64, 4, bias=False), (3, 64)
@@ -287,13 +285,79 @@ def test_extreme_eight_bit_codes_on_onednn_with_either_digit_width(shape: str, d
     op = FixedDot("extreme", module)
     op.set_parameter_formats([QFormat(8, 0)] * module.weight.shape[0], None)
     op.to(device).finalize(QFormat(32, 0), [QFormat(8, 0)], QuantSettings(8, 32), 0)
+    return op, x, w
+
+
+def extreme_acc(op: FixedDot, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The reference accumulator of ``extreme_eight_bit_layer``'s layer."""
+    module = op.module
+    if isinstance(module, nn.Linear):
+        return ref.linear_acc(x, w, None, None)
+    return ref.conv2d_acc(x, w, module.stride[0], 1, 1, module.groups, None, None)
+
+
+@pytest.mark.parametrize("shape", ["conv", "strided_depthwise", "linear"])
+@pytest.mark.parametrize("digit_bits", sorted({7, onednn_digit_bits()}))
+def test_extreme_eight_bit_codes_on_onednn_with_either_digit_width(shape: str, digit_bits: int, device) -> None:
+    # Every code at the end of its 8-bit range, products of one sign: where a library adds two
+    # uint8 x int8 products into a saturating int16 first (x86 without VNNI), 8-bit digits are off by
+    # millions; 7-bit digits (what fxpsweep uses there) are exact on every CPU. 8-bit digits are
+    # checked where this CPU sums in int32 (VNNI), the only place the engine uses them.
+    if device.type != "cpu":
+        pytest.skip("oneDNN int8 kernels run on the CPU")
+    op, x, w = extreme_eight_bit_layer(shape, device)
     assert OneDNNInt8Kernel.applies(op.layer, device, digit_bits)
     op.use(OneDNNInt8Kernel(op.layer, device, digit_bits=digit_bits))
     with torch.no_grad():
         got = op(torch.tensor(x, dtype=torch.float64, device=device)).cpu().to(torch.int64).numpy()
-    g = module.groups if shape != "linear" else 1
-    acc = ref.linear_acc(x, w, None, None) if shape == "linear" else ref.conv2d_acc(x, w, module.stride[0], 1, 1, g, None, None)
-    np.testing.assert_array_equal(got, acc)
+    np.testing.assert_array_equal(got, extreme_acc(op, x, w))
+
+
+@pytest.mark.parametrize("shape", ["conv", "linear"])
+def test_extreme_eight_bit_codes_on_int8_mm(shape: str, device) -> None:
+    # torch._int_mm runs on oneDNN, whose pairs saturate int16 as its convolutions' do where it has no VNNI.
+    if device.type != "cpu":
+        pytest.skip("torch._int_mm runs on the CPU here")
+    op, x, w = extreme_eight_bit_layer(shape, device)
+    assert Int8MatmulKernel.applies(op.layer, device)
+    op.use(Int8MatmulKernel(op.layer, device))
+    with torch.no_grad():
+        got = op(torch.tensor(x, dtype=torch.float64, device=device)).cpu().to(torch.int64).numpy()
+    np.testing.assert_array_equal(got, extreme_acc(op, x, w))
+
+
+def test_onednn_held_below_vnni_takes_seven_bit_digits(monkeypatch) -> None:
+    try:
+        for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # oneDNN's name, and its older one
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+            monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+            kernels.onednn_digit_bits.cache_clear()
+            unheld = onednn_digit_bits()
+            monkeypatch.setenv(name, "avx2")
+            kernels.onednn_digit_bits.cache_clear()
+            assert onednn_digit_bits() == 7
+            monkeypatch.setenv(name, "AVX512_CORE_AMX")  # a cap above VNNI: what the processor has decides
+            kernels.onednn_digit_bits.cache_clear()
+            assert onednn_digit_bits() == unheld
+    finally:
+        monkeypatch.undo()
+        kernels.onednn_digit_bits.cache_clear()
+
+
+def test_every_kernel_is_exact_with_onednn_held_to_avx2(device) -> None:
+    # ONEDNN_MAX_CPU_ISA is read when oneDNN starts, so the layer tests run again in a new process. On a
+    # processor with VNNI this runs oneDNN's AVX2 kernels (vpmaddubsw's saturating pairs); where the
+    # processor has none, what it runs anyway.
+    if device.type != "cpu":
+        pytest.skip("oneDNN's kernels run on the CPU")
+    tests = [f"{__file__}::{name}" for name in (
+        "test_conv_and_linear_codes_equal_the_reference", "test_extreme_sixteen_bit_weights_on_every_kernel",
+        "test_extreme_eight_bit_codes_on_onednn_with_either_digit_width", "test_extreme_eight_bit_codes_on_int8_mm")]
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout.splitlines()[-1] and "failed" not in done.stdout.splitlines()[-1]
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -29,7 +29,8 @@ the fastest is measured on the machine (``kernel_choice``):
   combined in float64. One 8-bit call (weights of one digit): scale and bias
   fold in.
 - ``int8_mm``: ``torch._int_mm`` (int8 x int8 -> int32) GEMMs over im2col rows
-  of the same 8-bit pieces; int32 holds any piece sum with ``K < 2**17``.
+  of the same pieces (oneDNN runs them: weight digits of ``onednn_digit_bits``,
+  as for its convolutions); int32 holds any piece sum with ``K < 2**17``.
   Ungrouped layers.
 - ``float32_pieces``: float32 convolutions of the 8-bit pieces, chunked like
   ``onednn_int8``.
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -465,6 +467,10 @@ def piece_count(total_bits: int) -> int:
     return max(1, math.ceil(total_bits / 8))
 
 
+# oneDNN's names of the instruction sets below VNNI (``ONEDNN_MAX_CPU_ISA``'s values).
+ONEDNN_ISAS_WITHOUT_VNNI = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+
+
 @functools.cache
 def onednn_digit_bits() -> int:
     """Bits of the weight digits that oneDNN's uint8 x int8 kernels multiply exactly on this CPU.
@@ -473,10 +479,16 @@ def onednn_digit_bits() -> int:
     without it: ``vpmaddubsw`` first adds two products into a saturating int16,
     and ``2 * 255 * 127`` does not fit (measured on an AVX2 EPYC: an 8-bit conv
     of all-extreme codes off by 2.3e6), while ``2 * 255 * 64 = 32640`` does.
-    Where the CPU cannot be asked, 7. (Inputs of 7 bits, ``unsigned_input``,
-    take 8-bit digits everywhere: ``2 * 127 * 128 = 32512``; see
-    ``OneDNNInt8Kernel``.)
+    Also 7 where ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) holds oneDNN
+    below VNNI on a processor that has it (on a Xeon with AMX held to AVX2,
+    ``torch._int_mm`` of 8-bit digits was off by up to 1.2e6, of 7-bit ones
+    exact). Where the CPU cannot be asked, 7. (Inputs of 7 bits,
+    ``unsigned_input``, take 8-bit digits everywhere: ``2 * 127 * 128 = 32512``;
+    see ``OneDNNInt8Kernel``.)
     """
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if cap.upper() in ONEDNN_ISAS_WITHOUT_VNNI:
+        return 7
     is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)
     try:
         return 8 if is_vnni is not None and is_vnni() else 7
@@ -636,7 +648,8 @@ class Int8MatmulKernel(Kernel):
         if w.dim() == 2:
             w = w[:, :, None, None]
         rows = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)  # (Cout, K), K over (kernel row, column, channel)
-        self.shift, digits = split_weights(rows)
+        self.digit_bits = onednn_digit_bits()
+        self.shift, digits = split_weights(rows, self.digit_bits)
         self.digits = [_row_major(d.T).to(device) for d in digits]
         self.row_sums = layer.channel_view((rows - self.shift).sum(1).to(torch.float64)).to(device)
         self.kernel_size = tuple(w.shape[2:])
@@ -671,7 +684,7 @@ class Int8MatmulKernel(Kernel):
             for j, digit in enumerate(self.digits):
                 term = torch._int_mm(cols, digit)  # exact int32: |.| <= K * 2**14
                 terms.append(term if g.is_linear else term.reshape(codes.shape[0], oh, ow, -1).permute(0, 3, 1, 2))
-                multipliers.append(256.0 ** (i + j))
+                multipliers.append(256.0**i * 2.0 ** (self.digit_bits * j))
         if self.shift:
             terms.append(self.layer.window_sums(codes))
             multipliers.append(float(self.shift))
