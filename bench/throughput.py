@@ -1,6 +1,7 @@
 """Images/s and peak memory of float32 inference, fxpsweep's simulation and peer simulators, side by side.
 
     python bench/throughput.py [--models alexnet resnet18 mobilenet_v2 resnet20_cifar10] [--batch 32] [--threads 2]
+    python bench/throughput.py --isa-cap avx2   # as far as the libraries go, a processor with AVX2 at most
 
 Every configuration of a model runs in this one process on the same input
 batch, timed in rounds that run each configuration once in turn (best round
@@ -22,6 +23,16 @@ every conv/linear) and QPyTorch's fixed-point quantizer (8-bit weights,
 every conv/linear/ReLU output rounded by a forward hook). Random weights with
 randomized BatchNorm statistics; ``resnet20_cifar10`` on 32x32 inputs, the
 others on 224x224.
+
+``--isa-cap avx2`` runs the bench again in a process whose libraries are held
+to AVX2 on a processor with more (torch's ``ATEN_CPU_CAPABILITY``, oneDNN's
+``ONEDNN_MAX_CPU_ISA``, MKL's ``MKL_ENABLE_INSTRUCTIONS``, and numba's loops
+compiled without AVX-512): the kernels and loops an AVX2 processor runs, timed
+on this one's cores and caches. It is not an AVX2 processor: MKL's int8 GEMM
+(``torch._int_mm``), 30 to 75 times slower than float32 on an AMD EPYC with
+AVX2, is as fast as float32 on an Intel Xeon held to AVX2 (ad hoc), and
+float64 runs at this processor's speed, so a capped run shows the code's
+paths, not another machine's figures.
 """
 
 from __future__ import annotations
@@ -29,18 +40,21 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import os
+import sys
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
 
+import llvmlite.binding as llvm
 import torch
 import torchvision
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 from fxpsweep.engine.host_memory import freed_memory_kept
-from fxpsweep.engine.kernel_choice import processor_name
+from fxpsweep.engine.kernel_choice import isa_caps, processor_name
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.ops import FixedDot
 from fxpsweep.engine.settings import QuantSettings
@@ -48,6 +62,19 @@ from fxpsweep.engine.vector_width import prefer_wide_vectors
 from fxpsweep.models.cifar_resnet import cifar_resnet
 
 INPUT_SIZE = {"resnet20_cifar10": 32}
+WIDER_THAN_AVX2 = ("avx512", "avx10", "evex512", "amx", "avxvnni")  # LLVM's names of the features an AVX2 processor lacks
+
+
+def avx2_caps() -> dict[str, str]:
+    """Environment variables that hold torch, oneDNN, MKL and numba to AVX2 on a processor with more.
+
+    Read when each library starts, so they are set for a new process (``main`` runs itself again).
+    """
+    features = llvm.get_host_cpu_features()
+    numba_features = ",".join(("+" if on and not name.startswith(WIDER_THAN_AVX2) else "-") + name
+                              for name, on in sorted(features.items()))
+    return {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+            "NUMBA_CPU_FEATURES": numba_features}
 
 
 def random_model(arch: str) -> nn.Module:
@@ -222,16 +249,24 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=20.0, help="and rounds until they took this long in all")
     parser.add_argument("--bits", nargs="+", type=int, default=[8, 16])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--isa-cap", choices=["avx2"], help="hold the libraries to AVX2 (see the module docstring)")
     parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                         help="glibc malloc keeps freed memory for reuse, as a job on the CPU does while it runs (device.keep_freed_memory)")
     args = parser.parse_args()
+    if args.isa_cap == "avx2" and isa_caps() != avx2_caps():
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **avx2_caps()})
     with freed_memory_kept(args.keep_freed_memory) as kept:
         report(args, kept)
 
 
 def setup_note(kept: bool) -> str:
-    """The header's words for how freed host memory was handled, and for the vectors of numba's loops."""
-    vectors = "numba's loops on 512-bit vectors" if prefer_wide_vectors() else "numba's default vector width"
+    """The header's words for how freed host memory was handled, for the vectors of numba's loops and for caps."""
+    if isa_caps() == avx2_caps():
+        vectors = "instruction sets capped at AVX2 (torch, oneDNN, MKL, numba: `--isa-cap avx2`)"
+    elif prefer_wide_vectors():
+        vectors = "numba's loops on 512-bit vectors"
+    else:
+        vectors = "numba's default vector width"
     return f"freed host memory {'kept for reuse' if kept else 'given back (malloc defaults)'}, {vectors}"
 
 

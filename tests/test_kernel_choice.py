@@ -75,6 +75,18 @@ def test_a_processor_of_the_same_name_with_other_instruction_sets_is_another_mac
     assert features == [["amx_int8", "amx_tile", "avx2", "avx512_vnni", "avx512f"], ["avx2", "avx512_vnni", "avx512f"]]
 
 
+def test_instruction_set_caps_make_another_machine(monkeypatch) -> None:
+    # Under ONEDNN_MAX_CPU_ISA=AVX2 (bench/throughput.py --isa-cap avx2) oneDNN's int8 kernels are other kernels.
+    for name in kernel_choice.ISA_CAP_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    plain = kernel_choice.machine(torch.device("cpu"))
+    assert "isa_caps" not in plain  # the key of an uncapped machine is what it was before caps were keyed
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    capped = kernel_choice.machine(torch.device("cpu"))
+    assert capped["isa_caps"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert kernel_choice._digest(capped) != kernel_choice._digest(plain)
+
+
 def test_a_kernel_that_disagrees_is_never_chosen(monkeypatch, caplog) -> None:
     monkeypatch.setattr(kernel_choice, "_in_memory", {})
     op = conv_layer()

@@ -20,7 +20,8 @@ plainest) is a bug in it or in the library under it, is logged as an error
 and never chosen.
 
 Choices are cached per machine (processor, CPU capability and instruction-set
-flags, torch version, threads, device) and per layer signature (input and
+flags, the instruction-set caps set in the environment, torch version,
+threads, device) and per layer signature (input and
 weight shapes, geometry, word length, candidates) in memory and in
 ``cache_dir/kernels/<machine>.json``, so a sweep, and every later job on the
 machine, pays for the timing once.
@@ -32,6 +33,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import platform
 import re
 import time
@@ -76,6 +78,17 @@ def _cpuinfo() -> tuple[str, tuple[str, ...]]:
     return name, flags
 
 
+# Environment variables that cap the instruction sets the libraries use below what the processor has
+# (``bench/throughput.py --isa-cap``): under them another kernel may be fastest.
+ISA_CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "NUMBA_CPU_NAME",
+                     "NUMBA_CPU_FEATURES")
+
+
+def isa_caps() -> dict[str, str]:
+    """The instruction-set caps set in this process's environment, by variable ({} where none is)."""
+    return {name: os.environ[name] for name in ISA_CAP_VARIABLES if os.environ.get(name)}
+
+
 def processor_name() -> str:
     """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
     return _cpuinfo()[0] or platform.processor() or platform.machine()
@@ -96,6 +109,8 @@ def machine(device: torch.device) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "device": device.type,
     }
+    if isa_caps():  # only where set, so that the key of an uncapped machine stays as it was
+        about["isa_caps"] = isa_caps()
     if device.type == "cuda":
         about["gpu"] = torch.cuda.get_device_name(device)
     return about
