@@ -133,12 +133,12 @@ class _Fused:
     def __call__(self, first: torch.Tensor, *args):
         if _Fused.broken or first.numel() < COMPILE_MIN_ELEMENTS:
             return self.fn(first, *args)
-        if self.compiled is None:
-            import torch._dynamo.config
-
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-            self.compiled = torch.compile(self.fn, dynamic=True, options=_compile_options())
         try:
+            if self.compiled is None:
+                import torch._dynamo.config
+
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+                self.compiled = torch.compile(self.fn, dynamic=True, options=_compile_options())
             return self.compiled(first, *args)
         except Exception as err:  # no compiler, an inductor bug: the eager operations give the same codes
             log.warning("torch.compile failed (%s: %s); rounding runs eager, slower, same results", type(err).__name__, err)
