@@ -28,11 +28,10 @@ others on 224x224.
 to AVX2 on a processor with more (torch's ``ATEN_CPU_CAPABILITY``, oneDNN's
 ``ONEDNN_MAX_CPU_ISA``, MKL's ``MKL_ENABLE_INSTRUCTIONS``, and numba's loops
 compiled without AVX-512): the kernels and loops an AVX2 processor runs, timed
-on this one's cores and caches. It is not an AVX2 processor: MKL's int8 GEMM
-(``torch._int_mm``), 30 to 75 times slower than float32 on an AMD EPYC with
-AVX2, is as fast as float32 on an Intel Xeon held to AVX2 (ad hoc), and
-float64 runs at this processor's speed, so a capped run shows the code's
-paths, not another machine's figures.
+on this one's cores and caches. It is not an AVX2 processor: ``torch._int_mm``,
+30 to 75 times slower than a float32 matmul on an AMD EPYC with AVX2, took
+half a float32 matmul's time on an Intel Xeon with AMX held to AVX2 (ad hoc),
+so a capped run shows the code's paths, not another machine's figures.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ PIECES_CHECK = textwrap.dedent("""
 def test_a_compiled_pass_served_from_the_cache_to_narrower_vectors_is_exact(tmp_path) -> None:
     # Inductor's FX graph cache does not key CPU graphs by vector width: without fused._compile_options a
     # graph generated for AVX-512 and read by a process held to AVX2 (one cache folder for a cluster's
-    # nodes) ran with wrong sums (torch 2.14.1). Where the machine has no AVX-512, the second process runs
+    # nodes) gave wrong pieces (torch 2.14.1). Where the machine has no AVX-512, the second process runs
     # scalar code: that the pieces stay exact is checked all the same.
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     env.pop("ATEN_CPU_CAPABILITY", None)
