@@ -93,10 +93,10 @@ def test_combine_and_round_in_one_pass_equals_combine_then_round(rounding: str, 
 
 PIECES_CHECK = textwrap.dedent("""
     import torch
-    from fxpsweep.engine.fused import COMPILE_MIN_ELEMENTS, byte_pieces
+    from fxpsweep.engine.fused import _PIECES, COMPILE_MIN_ELEMENTS
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(-2**15, 2**15, (4, COMPILE_MIN_ELEMENTS), generator=g, dtype=torch.int64)
-    (low, high), offset = byte_pieces(codes.float(), 16, unsigned=False)
+    low, high = _PIECES(codes.float(), 2, False)  # the compiled pass (on the CPU, byte_pieces runs pieces_loop)
     # The integers' own remainder and floor division, not the pieces' float arithmetic:
     assert torch.equal(low.long() + 128, codes % 256), "low bytes"
     assert torch.equal(high.long(), codes.div(256, rounding_mode="floor")), "high pieces"

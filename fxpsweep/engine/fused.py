@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from fxpsweep.engine import rounding_loop
+from fxpsweep.engine import pieces_loop, rounding_loop
 from fxpsweep.engine.fixedpoint import QFormat, apply_overflow, round_to_integer
 
 log = logging.getLogger(__name__)
@@ -244,6 +244,8 @@ def byte_pieces(codes: torch.Tensor, total_bits: int, unsigned: bool) -> tuple[l
     """Codes of ``total_bits`` as 8-bit pieces (see ``_byte_pieces``) and the constant ``C`` they leave out."""
     n = max(1, -(-total_bits // 8))
     offset = 128 * sum(256**i for i in range(n - 1))
+    if pieces_loop.supports(codes, n):  # the CPU: one numba loop
+        return pieces_loop.byte_pieces(codes, n, unsigned), offset
     return _PIECES(codes, n, unsigned), offset
 
 
