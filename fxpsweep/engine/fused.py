@@ -12,7 +12,8 @@ On the CPU, the default rule (round half to even, saturate) of a register,
 of the network input, of a residual add and of a kernel's terms runs instead
 as ``rounding_loop``'s hand-written loops, which count overflows in the loop
 that stores the codes; torch.compile's CPU code reads the register twice
-for that.
+for that. There, too, a layer's input is cut into 8-bit pieces by
+``pieces_loop``'s loop.
 
 Tensors below ``COMPILE_MIN_ELEMENTS`` (a small network's registers) and
 stochastic rounding (drawn from a generator) stay eager, and so does
