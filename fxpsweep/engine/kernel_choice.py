@@ -109,8 +109,9 @@ def machine(device: torch.device) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "device": device.type,
     }
-    if isa_caps():  # only where set, so that the key of an uncapped machine stays as it was
-        about["isa_caps"] = isa_caps()
+    caps = isa_caps()
+    if caps:  # only where set, so that the key of an uncapped machine stays as it was
+        about["isa_caps"] = caps
     if device.type == "cuda":
         about["gpu"] = torch.cuda.get_device_name(device)
     return about
