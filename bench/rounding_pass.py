@@ -22,6 +22,12 @@ without the count (codes checked equal; counts not kept), timed in turn,
 best of five rounds. The loops ask for the cache lines of the next 2 KiB
 block before each on registers of more than ``rounding_loop.PREFETCH_FROM``
 values; "prefetching off" raises that threshold above every register.
+Part 3: every pass of the loops in one forward of the network as the engine
+runs it (each register, the network input and the residual adds), each
+timed again on a fresh copy of what it read, beside float32's own pass
+there (a ReLU or ReLU6 that reads the register: ``clamp_``; a residual add:
+``add_``; none over the input and the other registers), and the sums: what
+the element-wise work of the engine costs against float32's.
 """
 
 from __future__ import annotations
@@ -130,6 +136,61 @@ def pass_costs(register: torch.Tensor, args: tuple) -> list[tuple[str, float]]:
     return [("copy of the register (subtracted below)", copy_ms)] + [(k, best_ms(v) - copy_ms) for k, v in passes.items()]
 
 
+def every_pass(net: torch.nn.Module, batch: torch.Tensor) -> list[tuple[str, torch.Tensor, Callable, Callable | None, str]]:
+    """(what, input copy, the pass on a tensor like it, float32's pass there or None, its name) of each loop
+    pass in one forward of ``net``: ``rounding_loop``'s passes over a register (float32's counterpart a
+    ReLU6, ``clamp_``, where a ReLU or ReLU6 reads it: its lowest code 0) and over a residual add (``add_``)."""
+    passes = []
+    run, then_add = rounding_loop._run, rounding_loop.round_then_add
+
+    def spy_run(loop, fmt, clamp, a, out, scale_a=1.0, b=None, scale_b=0.0):
+        other = b.clone() if b is not None else None
+        redo = lambda t: run(loop, fmt, clamp, t, t if out is a else torch.empty_like(t), scale_a, other, scale_b)  # noqa: E731
+        what = {0: "scaled register", 1: "register into a new tensor", 2: "residual add", 3: "register"}[loop]
+        if loop == 2:
+            float32 = (lambda t: t.add_(other), "add_")  # noqa: E731
+        else:
+            float32 = (lambda t: t.clamp_(0, 6), "clamp_") if clamp[0] == 0 else (None, "none")  # noqa: E731
+        passes.append((f"{what} {tuple(a.shape)}", a.clone(), redo, *float32))
+        return run(loop, fmt, clamp, a, out, scale_a, b, scale_b)
+
+    def spy_then_add(v, fmt, clamp, scale_k, b, scale_b, add_fmt, add_clamp):
+        other = b.clone()
+        redo = lambda t: then_add(t, fmt, clamp, scale_k, other, scale_b, add_fmt, add_clamp)  # noqa: E731
+        passes.append((f"register and its residual add {tuple(v.shape)}", v.clone(), redo, lambda t: t.add_(other), "add_"))
+        return then_add(v, fmt, clamp, scale_k, b, scale_b, add_fmt, add_clamp)
+
+    rounding_loop._run, rounding_loop.round_then_add = spy_run, spy_then_add
+    try:
+        with torch.no_grad():
+            net(batch)
+    finally:
+        rounding_loop._run, rounding_loop.round_then_add = run, then_add
+    return passes
+
+
+def per_pass_costs(passes) -> None:
+    """Print Part 3's table: each pass and float32's there, on a fresh copy of its input (the copy's time
+    subtracted), and their sums."""
+    print("| pass | values | loop ms | float32's pass | float32 ms |\n|---|---:|---:|---|---:|")
+    loops = both_loops = both_float32 = 0.0
+    shared = 0
+    for what, values, redo, float32, name in passes:
+        work = values.clone()
+        fresh = lambda: work.copy_(values)  # noqa: E731
+        copy_ms = best_ms(fresh)
+        loop_ms = best_ms(lambda: redo(fresh())) - copy_ms
+        loops += loop_ms
+        float32_ms = ""
+        if float32 is not None:
+            ms = best_ms(lambda: float32(fresh())) - copy_ms
+            both_loops, both_float32, shared = both_loops + loop_ms, both_float32 + ms, shared + 1
+            float32_ms = f"{ms:.3f}"
+        print(f"| {what} | {values.numel()} | {loop_ms:.3f} | {name} | {float32_ms} |")
+    print(f"\nSums: the loops {loops:.1f} ms over {len(passes)} passes; over the {shared} passes float32 makes "
+          f"too, the loops {both_loops:.1f} ms against float32's {both_float32:.1f} ms.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mobilenet_v2")
@@ -189,6 +250,9 @@ def report(args: argparse.Namespace, kept: bool) -> None:
     reference = per_second["float32, folded, channels-last"]
     for name, ips in per_second.items():
         print(f"| {name} | {args.batch / ips * 1e3:.0f} | {ips:.1f} | {ips / reference:.2f} |")
+    print("\nPart 3: every pass of the loops in one batch, each timed alone (best of seven) on a fresh copy of "
+          "what it read (the copy's time subtracted), beside float32's own pass there (ReLU6: clamp_; residual add: add_).\n")
+    per_pass_costs(every_pass(net, batch))
 
 if __name__ == "__main__":
     main()
