@@ -22,8 +22,10 @@ without the count (codes checked equal; counts not kept), timed in turn,
 best of five rounds. The loops ask for the cache lines of the next 2 KiB
 block before each on registers of more than ``rounding_loop.PREFETCH_FROM``
 values; "prefetching off" raises that threshold above every register.
-Part 3: every pass of the loops in one forward of the network as the engine
-runs it (each register, the network input and the residual adds), each
+Part 3: every pass of ``rounding_loop`` over a register in one forward of
+the network as the engine runs it (each register, the network input and
+the residual adds; not the rounding inside a kernel, of its terms or in the
+depthwise loop, which belongs to the kernel's time), each
 timed again on a fresh copy of what it read, beside float32's own pass
 there (a ReLU or ReLU6 that reads the register: ``clamp_``; a residual add:
 ``add_``; none over the input and the other registers), and the sums: what
@@ -250,7 +252,7 @@ def report(args: argparse.Namespace, kept: bool) -> None:
     reference = per_second["float32, folded, channels-last"]
     for name, ips in per_second.items():
         print(f"| {name} | {args.batch / ips * 1e3:.0f} | {ips:.1f} | {ips / reference:.2f} |")
-    print("\nPart 3: every pass of the loops in one batch, each timed alone (best of seven) on a fresh copy of "
+    print("\nPart 3: every pass of the loops over a register in one batch, each timed alone (best of seven) on a fresh copy of "
           "what it read (the copy's time subtracted), beside float32's own pass there (ReLU6: clamp_; residual add: add_).\n")
     per_pass_costs(every_pass(net, batch))
 
