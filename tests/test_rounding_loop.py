@@ -141,8 +141,8 @@ def test_the_rounder_uses_the_loop_only_where_it_applies(monkeypatch) -> None:
 
 
 def test_registers_larger_than_a_cache_are_prefetched() -> None:
-    assert rounding_loop._ahead(rounding_loop.PREFETCH_FROM) == 0
-    assert rounding_loop._ahead(rounding_loop.PREFETCH_FROM + 1) == rounding_loop.AHEAD > 0
+    assert rounding_loop.prefetch_ahead(rounding_loop.PREFETCH_FROM) == 0
+    assert rounding_loop.prefetch_ahead(rounding_loop.PREFETCH_FROM + 1) == rounding_loop.AHEAD > 0
 
 
 def test_the_loop_runs_on_torchs_thread_count() -> None:
@@ -162,7 +162,7 @@ def test_the_loop_runs_on_torchs_thread_count() -> None:
 @pytest.mark.parametrize("values, threads", [(10, 3), (1 << 17, 2), ((1 << 17) + 1, 2), (5, 8)])
 def test_threads_share_a_register_in_contiguous_ranges_in_order(values: int, threads: int) -> None:
     # As torch's parallel_for shares an element-wise operation: thread 0 the first range, and so on.
-    ranges = [rounding_loop._share(values, threads, t) for t in range(threads)]
+    ranges = [rounding_loop.thread_range(values, threads, t) for t in range(threads)]
     assert ranges[0][0] == 0 and ranges[-1][1] == values
     assert all(a[1] == b[0] and a[0] <= a[1] for a, b in zip(ranges, ranges[1:]))
     assert max(b - a for a, b in ranges) == -(-values // threads)
@@ -175,7 +175,7 @@ def test_a_register_of_size_one_dimensions_is_rounded_over_itself(shape: tuple[i
     v = scaled_values(math.prod(shape), torch.float32).reshape(shape)
     if layout == "channels_last":
         v = v.contiguous(memory_format=torch.channels_last)
-    assert rounding_loop.supports(FORMAT, v) and np.shares_memory(rounding_loop._flat(v), v.numpy())
+    assert rounding_loop.supports(FORMAT, v) and np.shares_memory(rounding_loop.flat_values(v), v.numpy())
     expected, expected_overflows = reference(v.permute(0, 2, 3, 1) if layout == "channels_last" else v, (0, 40))
     assert rounding_loop.round_into(v, v, FORMAT, (0, 40)) == expected_overflows
     in_memory_order = v.permute(0, 2, 3, 1) if layout == "channels_last" else v

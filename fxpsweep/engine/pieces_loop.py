@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fxpsweep.engine.prefetch import prefetch_range
-from fxpsweep.engine.rounding_loop import _ahead, _flat, _share, follow_torch_threads
+from fxpsweep.engine.rounding_loop import prefetch_ahead, flat_values, thread_range, follow_torch_threads
 from fxpsweep.engine.vector_width import prefer_wide_vectors
 
 prefer_wide_vectors()  # before the first loop is compiled
@@ -40,7 +40,7 @@ def _cut(codes, pieces, low_offset, top_offset, first, last, ahead):  # pragma: 
     in one loop; more in blocks, each piece written by a loop of its own over 1-D views of the block: LLVM
     vectorizes such loops, and did not one that wrote every piece of a code through 2-D indices (5 times
     slower; ad hoc). ``ahead`` > 0: two pieces in blocks of ``BLOCK`` codes, the lines ``ahead`` codes on
-    asked for before each (``rounding_loop._ahead``)."""
+    asked for before each (``rounding_loop.prefetch_ahead``)."""
     low_offset, top_offset = np.int32(low_offset), np.int32(top_offset)
     n = pieces.shape[0]
     if n == 2:  # 9 to 16 bits, the common case: both pieces in one loop, each code read once
@@ -71,9 +71,9 @@ def _cut(codes, pieces, low_offset, top_offset, first, last, ahead):  # pragma: 
 
 @numba.njit(parallel=True, boundscheck=False, cache=True)
 def _cut_shared(codes, pieces, low_offset, top_offset, ahead, threads):  # pragma: no cover (compiled)
-    """``_cut`` of every code, one contiguous range per thread (``rounding_loop._share``)."""
+    """``_cut`` of every code, one contiguous range per thread (``rounding_loop.thread_range``)."""
     for t in numba.prange(threads):
-        first, last = _share(codes.size, threads, t)
+        first, last = thread_range(codes.size, threads, t)
         _cut(codes, pieces, low_offset, top_offset, first, last, ahead)
 
 
@@ -96,12 +96,12 @@ def byte_pieces(codes: torch.Tensor, n: int, unsigned: bool) -> list[torch.Tenso
     uint8 where ``unsigned`` else int8, as ``fused._byte_pieces`` gives them. ``supports(codes, n)`` must hold."""
     dtype = torch.uint8 if unsigned else torch.int8
     buffer = torch.empty(n * codes.numel(), dtype=dtype)
-    flat_codes = _flat(codes)
+    flat_codes = flat_values(codes)
     rows = buffer.numpy().reshape(n, codes.numel())
     low_offset, top_offset = (0, 128) if unsigned else (-128, 0)
     if flat_codes.size <= SERIAL_UP_TO:
         _cut(flat_codes, rows, low_offset, top_offset, 0, flat_codes.size, 0)
     else:
-        _cut_shared(flat_codes, rows, low_offset, top_offset, _ahead(flat_codes.size), follow_torch_threads())
+        _cut_shared(flat_codes, rows, low_offset, top_offset, prefetch_ahead(flat_codes.size), follow_torch_threads())
     # Each row holds the codes' memory order: viewed with the codes' strides, it is a piece of their layout.
     return [buffer.as_strided(codes.shape, codes.stride(), j * codes.numel()) for j in range(n)]

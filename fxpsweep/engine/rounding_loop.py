@@ -147,7 +147,7 @@ def _one_loop(loop, a, b, out, p, ahead):  # pragma: no cover (compiled)
 
 
 @numba.njit(inline="always")
-def _share(values, threads, t):  # pragma: no cover (compiled)
+def thread_range(values, threads, t):  # pragma: no cover (compiled)
     """Thread ``t``'s values of ``values`` shared among ``threads``: one contiguous range each, in order,
     as torch's ``parallel_for`` shares an element-wise operation."""
     chunk = (values + threads - 1) // threads
@@ -156,11 +156,11 @@ def _share(values, threads, t):  # pragma: no cover (compiled)
 
 @numba.njit(parallel=True, boundscheck=False, cache=True)
 def _in_pieces(loop, a, b, out, p, ahead, threads):  # pragma: no cover (compiled)
-    """``_one_loop`` shared among ``threads`` of numba's threads (``_share``), each walking its range in
+    """``_one_loop`` shared among ``threads`` of numba's threads (``thread_range``), each walking its range in
     pieces of at most ``PIECE`` values; the overflow count."""
     counts = np.zeros(threads, np.int64)
     for t in numba.prange(threads):
-        first, last = _share(a.size, threads, t)
+        first, last = thread_range(a.size, threads, t)
         for start in range(first, last, PIECE):
             stop = min(last, start + PIECE)
             counts[t] += _one_loop(loop, a[start:stop], b[start:stop], out[start:stop], p, ahead)
@@ -206,7 +206,7 @@ def _round_then_add_in_pieces(v, b, p, ahead, threads):  # pragma: no cover (com
     register = np.zeros(threads, np.int64)
     added = np.zeros(threads, np.int64)
     for t in numba.prange(threads):
-        first, last = _share(v.size, threads, t)
+        first, last = thread_range(v.size, threads, t)
         for start in range(first, last, PIECE):
             stop = min(last, start + PIECE)
             counts = _round_then_add_over(v[start:stop], b[start:stop], p, ahead)
@@ -264,11 +264,11 @@ def _combine_pixels(terms, weights, extra, extra_weight, offset, scale, bias, ou
 
 @numba.njit(parallel=True, boundscheck=False, cache=True)
 def _combine_in_pieces(terms, weights, extra, extra_weight, offset, scale, bias, out, channels, p, threads):  # pragma: no cover
-    """``_combine_pixels`` over every pixel of ``out``, shared among ``threads`` as ``_share`` shares a
+    """``_combine_pixels`` over every pixel of ``out``, shared among ``threads`` as ``thread_range`` shares a
     register (whole pixels each); the overflow count."""
     counts = np.zeros(threads, np.int64)
     for t in numba.prange(threads):
-        first, last = _share(out.size // channels, threads, t)
+        first, last = thread_range(out.size // channels, threads, t)
         counts[t] = _combine_pixels(terms, weights, extra, extra_weight, offset, scale, bias, out, first, last, channels, p)
     return counts.sum()
 
@@ -295,7 +295,7 @@ def supports(fmt: QFormat, *inputs: torch.Tensor) -> bool:
     return True
 
 
-def _flat(v: torch.Tensor) -> np.ndarray:
+def flat_values(v: torch.Tensor) -> np.ndarray:
     """The values of a dense tensor (``supports``) in memory order, as a NumPy view (0.6 us a call; a strided
     view of the tensor first took 2.6 us, which is a tenth of rounding a small register)."""
     return (v.detach() if v.requires_grad else v).numpy().ravel(order="K")
@@ -316,18 +316,18 @@ def _run(loop: int, fmt: QFormat, clamp: tuple[int, int], a: torch.Tensor, out: 
          scale_a: float = 1.0, b: torch.Tensor | None = None, scale_b: float = 0.0) -> int:
     """``_in_pieces`` on the tensors' memory, the constants in ``a``'s dtype (the working one: the codes'
     bounds are integers, exact in either), on torch's number of threads; one piece runs on the calling thread."""
-    flat_a = _flat(a)
-    flat_out = flat_a if out is a else _flat(out)
-    flat_b = flat_a if b is None else _flat(b)
+    flat_a = flat_values(a)
+    flat_out = flat_a if out is a else flat_values(out)
+    flat_b = flat_a if b is None else flat_values(b)
     constants = loop_constants(flat_a.dtype.type, (scale_a, scale_b), (fmt, clamp))
     if flat_a.size <= PIECE:
         # Nothing to share: waking numba's threads would cost more than the loop (a 16 x 32 x 32 register:
         # 29 us in pieces, 17 us here, on a 2-core Xeon).
-        return int(_one_loop(loop, flat_a, flat_b, flat_out, constants, _ahead(flat_a.size)))
-    return int(_in_pieces(loop, flat_a, flat_b, flat_out, constants, _ahead(flat_a.size), follow_torch_threads()))
+        return int(_one_loop(loop, flat_a, flat_b, flat_out, constants, prefetch_ahead(flat_a.size)))
+    return int(_in_pieces(loop, flat_a, flat_b, flat_out, constants, prefetch_ahead(flat_a.size), follow_torch_threads()))
 
 
-def _ahead(values: int) -> int:
+def prefetch_ahead(values: int) -> int:
     """How far ahead the loops prefetch on a register of ``values`` values (0: they do not)."""
     return AHEAD if values > PREFETCH_FROM else 0
 
@@ -375,9 +375,9 @@ def round_then_add(v: torch.Tensor, fmt: QFormat, clamp: tuple[int, int], scale_
     gives them, written over ``v`` (the register's codes are never stored); returns the overflow counts of
     the register and of the add. ``supports(fmt, v)`` and ``supports(add_fmt, v, b)`` must hold, and ``v``'s
     dtype hold both registers' codes and be the one the add is exact in."""
-    flat_v, flat_b = _flat(v), _flat(b)
+    flat_v, flat_b = flat_values(v), flat_values(b)
     constants = loop_constants(flat_v.dtype.type, (scale_k, scale_b), (fmt, clamp), (add_fmt, add_clamp))
-    ahead = _ahead(flat_v.size)
+    ahead = prefetch_ahead(flat_v.size)
     if flat_v.size <= PIECE:  # as in _run: nothing to share
         register, added = _round_then_add_over(flat_v, flat_b, constants, ahead)
     else:
@@ -432,8 +432,8 @@ def combine_round_into(terms: list[torch.Tensor], multipliers: list[float], offs
     per_channel = [(v.reshape(-1) if v is not None else torch.zeros(channels, dtype=torch.float64)).double().numpy()
                    for v in (offset_sums, scale, bias)]
     constants = loop_constants(np.float64, (1.0, 0.0), (fmt, clamp))
-    args = (tuple(_flat(t) for t, _ in main), np.array([m for _, m in main]), _flat(extra), float(extra_weight),
-            *per_channel, _flat(out))
+    args = (tuple(flat_values(t) for t, _ in main), np.array([m for _, m in main]), flat_values(extra), float(extra_weight),
+            *per_channel, flat_values(out))
     if first.numel() <= PIECE:  # as in _run: nothing to share
         return int(_combine_pixels(*args, 0, first.numel() // channels, channels, constants))
     return int(_combine_in_pieces(*args, channels, constants, follow_torch_threads()))
