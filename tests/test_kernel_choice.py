@@ -98,6 +98,29 @@ def test_a_kernel_that_disagrees_is_never_chosen(monkeypatch, caplog) -> None:
     assert "disagrees" in caplog.text
 
 
+def test_fast_modes_kernels_may_differ_beyond_the_bound_and_are_timed_without_complaint(tmp_path, monkeypatch, caplog) -> None:
+    # arithmetic=fast runs float32 or (8-bit words) oneDNN's int8 in one call, exact only below 2**24: where
+    # partial sums pass it the two differ, which fast mode allows; neither is a bug to log and drop.
+    monkeypatch.setattr(kernel_choice, "_in_memory", {})
+    torch.manual_seed(0)
+    conv = nn.Conv2d(512, 8, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.uniform_(0.5, 127 / 128)  # codes 64..127: every product adds, 4608 of them per output
+    op = FixedDot("conv", conv)
+    op.set_parameter_formats([QFormat(8, 7)] * 8, QFormat(32, 20))
+    op.finalize(QFormat(8, -8), [QFormat(8, 0)], QuantSettings(8, 8, arithmetic="fast"), 0)
+    assert sorted(k.name for k in op.candidates) == ["float32", "onednn_int8"]
+    inputs = torch.randint(60, 128, (2, 512, 14, 14)).float()
+    float32, int8 = sorted(op.candidates, key=lambda k: k.name)
+    assert not torch.equal(float32(inputs).double(), int8(inputs).double())  # sums to 7.4e7: float32's are rounded
+    op.chooser = KernelChooser(tmp_path)
+    op(inputs)
+    assert "disagrees" not in caplog.text
+    (cache_file,) = (tmp_path / "kernels").glob("*.json")
+    (choice,) = json.loads(cache_file.read_text())["choices"].values()
+    assert set(choice["seconds"]) == {"float32", "onednn_int8"}  # both timed, either may be chosen
+
+
 def test_a_forced_kernel_runs_where_it_is_exact_and_is_reported() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
     net = QuantizedNetwork(model, QuantSettings(8, 8, kernel="float64"))

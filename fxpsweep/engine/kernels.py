@@ -235,6 +235,7 @@ class Kernel:
     """One way to compute a layer's ``v`` (or ``acc``) exactly; ``calls``: convolutions or GEMMs per forward."""
 
     name = ""
+    exact = True  # False: ``arithmetic=fast``'s one call without the bound, which may differ beyond ``2**24``
 
     def __init__(self, layer: DotLayer, device: torch.device) -> None:
         self.layer = layer
@@ -530,12 +531,15 @@ class OneDNNInt8Kernel(Kernel):
     The input is uint8 ``piece + 128`` with zero point 128, or, where it is one
     piece that is never negative (after a ReLU), the codes with zero point 0,
     which lets 8-bit weights be one digit also without VNNI.
+
+    ``exact=False`` (``arithmetic=fast``): one call, scale and bias folded whatever the bound.
     """
 
     name = "onednn_int8"
 
     def __init__(self, layer: DotLayer, device: torch.device, exact: bool = True, digit_bits: int | None = None) -> None:
         super().__init__(layer, device)
+        self.exact = exact
         self.digit_bits = _onednn_digits(layer, digit_bits)
         self.zero_point = 0 if _onednn_unsigned(layer) else 128
         self.shift, self.digits = split_weights(layer.weight, self.digit_bits)
