@@ -2,6 +2,7 @@
 
     python bench/throughput.py [--models alexnet resnet18 mobilenet_v2 resnet20_cifar10] [--batch 32] [--threads 2]
     python bench/throughput.py --isa-cap avx2   # as far as the libraries go, a processor with AVX2 at most
+    python bench/throughput.py --isa-cap avx512_vnni   # ... with AVX-512 and VNNI but no AMX
 
 Every configuration of a model runs in this one process on the same input
 batch, timed in rounds that run each configuration once in turn (best round
@@ -32,6 +33,9 @@ on this one's cores and caches. It is not an AVX2 processor: ``torch._int_mm``,
 30 to 75 times slower than a float32 matmul on an AMD EPYC with AVX2, took
 half a float32 matmul's time on an Intel Xeon with AMX held to AVX2 (ad hoc),
 so a capped run shows the code's paths, not another machine's figures.
+``--isa-cap avx512_vnni`` holds a processor with AMX to AVX-512 with VNNI
+(oneDNN's int8 kernels without AMX tiles, as on an Ice Lake Xeon or a Zen 4
+EPYC), in the same way.
 """
 
 from __future__ import annotations
@@ -61,19 +65,30 @@ from fxpsweep.engine.vector_width import prefer_wide_vectors
 from fxpsweep.models.cifar_resnet import cifar_resnet
 
 INPUT_SIZE = {"resnet20_cifar10": 32}
-WIDER_THAN_AVX2 = ("avx512", "avx10", "evex512", "amx", "avxvnni")  # LLVM's names of the features an AVX2 processor lacks
+# ``--isa-cap``: each cap's settings of torch, oneDNN and MKL, the LLVM features (name prefixes) it turns off in
+# numba's loops, and its words in the header.
+ISA_CAPS = {
+    "avx2": ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+             ("avx512", "avx10", "evex512", "amx", "avxvnni"), "AVX2"),
+    "avx512_vnni": ({"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI",
+                     "MKL_ENABLE_INSTRUCTIONS": "AVX512_E1"}, ("amx",), "AVX-512 with VNNI, no AMX"),
+}
 
 
-def avx2_caps() -> dict[str, str]:
-    """Environment variables that hold torch, oneDNN, MKL and numba to AVX2 on a processor with more.
+def cap_variables(cap: str) -> dict[str, str]:
+    """Environment variables that hold torch, oneDNN, MKL and numba to ``cap`` (``ISA_CAPS``) on a processor with more.
 
     Read when each library starts, so they are set for a new process (``main`` runs itself again).
     """
-    features = llvm.get_host_cpu_features()
-    numba_features = ",".join(("+" if on and not name.startswith(WIDER_THAN_AVX2) else "-") + name
-                              for name, on in sorted(features.items()))
-    return {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-            "NUMBA_CPU_FEATURES": numba_features}
+    library_caps, features_off, _ = ISA_CAPS[cap]
+    numba_features = ",".join(("+" if on and not name.startswith(features_off) else "-") + name
+                              for name, on in sorted(llvm.get_host_cpu_features().items()))
+    return {**library_caps, "NUMBA_CPU_FEATURES": numba_features}
+
+
+def active_cap() -> str | None:
+    """The ``--isa-cap`` this process runs under, if any."""
+    return next((cap for cap in ISA_CAPS if isa_caps() == cap_variables(cap)), None)
 
 
 def random_model(arch: str) -> nn.Module:
@@ -248,20 +263,21 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=20.0, help="and rounds until they took this long in all")
     parser.add_argument("--bits", nargs="+", type=int, default=[8, 16])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--isa-cap", choices=["avx2"], help="hold the libraries to AVX2 (see the module docstring)")
+    parser.add_argument("--isa-cap", choices=list(ISA_CAPS), help="hold the libraries to these instruction sets (see the module docstring)")
     parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                         help="glibc malloc keeps freed memory for reuse, as a job on the CPU does while it runs (device.keep_freed_memory)")
     args = parser.parse_args()
-    if args.isa_cap == "avx2" and isa_caps() != avx2_caps():
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **avx2_caps()})
+    if args.isa_cap is not None and active_cap() != args.isa_cap:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **cap_variables(args.isa_cap)})
     with freed_memory_kept(args.keep_freed_memory) as kept:
         report(args, kept)
 
 
 def setup_note(kept: bool) -> str:
     """The header's words for how freed host memory was handled, for the vectors of numba's loops and for caps."""
-    if isa_caps() == avx2_caps():
-        vectors = "instruction sets capped at AVX2 (torch, oneDNN, MKL, numba: `--isa-cap avx2`)"
+    cap = active_cap()
+    if cap is not None:
+        vectors = f"instruction sets capped at {ISA_CAPS[cap][2]} (torch, oneDNN, MKL, numba: `--isa-cap {cap}`)"
     elif prefer_wide_vectors():
         vectors = "numba's loops on 512-bit vectors"
     else:
