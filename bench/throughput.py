@@ -49,6 +49,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from typing import NamedTuple
 
 import llvmlite.binding as llvm
 import torch
@@ -65,13 +66,19 @@ from fxpsweep.engine.vector_width import prefer_wide_vectors
 from fxpsweep.models.cifar_resnet import cifar_resnet
 
 INPUT_SIZE = {"resnet20_cifar10": 32}
-# ``--isa-cap``: each cap's settings of torch, oneDNN and MKL, the LLVM features (name prefixes) it turns off in
-# numba's loops, and its words in the header.
+class IsaCap(NamedTuple):
+    """An ``--isa-cap``: what holds each library to fewer instruction sets than the processor has."""
+
+    library_caps: dict[str, str]  # torch's, oneDNN's and MKL's environment variables
+    numba_features_off: tuple[str, ...]  # LLVM's names (prefixes) of the features numba's loops go without
+    words: str  # in the header
+
+
 ISA_CAPS = {
-    "avx2": ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
-             ("avx512", "avx10", "evex512", "amx", "avxvnni"), "AVX2"),
-    "avx512_vnni": ({"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI",
-                     "MKL_ENABLE_INSTRUCTIONS": "AVX512_E1"}, ("amx",), "AVX-512 with VNNI, no AMX"),
+    "avx2": IsaCap({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+                   ("avx512", "avx10", "evex512", "amx", "avxvnni"), "AVX2"),
+    "avx512_vnni": IsaCap({"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI",
+                           "MKL_ENABLE_INSTRUCTIONS": "AVX512_E1"}, ("amx",), "AVX-512 with VNNI, no AMX"),
 }
 
 
@@ -80,10 +87,10 @@ def cap_variables(cap: str) -> dict[str, str]:
 
     Read when each library starts, so they are set for a new process (``main`` runs itself again).
     """
-    library_caps, features_off, _ = ISA_CAPS[cap]
-    numba_features = ",".join(("+" if on and not name.startswith(features_off) else "-") + name
+    chosen = ISA_CAPS[cap]
+    numba_features = ",".join(("+" if on and not name.startswith(chosen.numba_features_off) else "-") + name
                               for name, on in sorted(llvm.get_host_cpu_features().items()))
-    return {**library_caps, "NUMBA_CPU_FEATURES": numba_features}
+    return {**chosen.library_caps, "NUMBA_CPU_FEATURES": numba_features}
 
 
 def active_cap() -> str | None:
@@ -277,7 +284,7 @@ def setup_note(kept: bool) -> str:
     """The header's words for how freed host memory was handled, for the vectors of numba's loops and for caps."""
     cap = active_cap()
     if cap is not None:
-        vectors = f"instruction sets capped at {ISA_CAPS[cap][2]} (torch, oneDNN, MKL, numba: `--isa-cap {cap}`)"
+        vectors = f"instruction sets capped at {ISA_CAPS[cap].words} (torch, oneDNN, MKL, numba: `--isa-cap {cap}`)"
     elif prefer_wide_vectors():
         vectors = "numba's loops on 512-bit vectors"
     else:

@@ -164,7 +164,7 @@ class KernelChooser:
     @torch.no_grad()
     def _time(self, candidates: list[Kernel], codes: torch.Tensor, layer_name: str, finish: Finish | None,
               check: int | None = None) -> dict[str, float]:
-        """Seconds per batch of each candidate that agrees with the reference output (of every one in fast mode)."""
+        """Seconds per batch of each candidate that agrees with the reference output (in fast mode, of every candidate)."""
         reference_kernel = next((k for k in candidates if k.name == "float64"), candidates[0])
         sample = codes[:check]
         extreme = extreme_codes(sample[:2], *reference_kernel.layer.input_codes)
