@@ -66,6 +66,8 @@ from fxpsweep.engine.vector_width import prefer_wide_vectors
 from fxpsweep.models.cifar_resnet import cifar_resnet
 
 INPUT_SIZE = {"resnet20_cifar10": 32}
+
+
 class IsaCap(NamedTuple):
     """An ``--isa-cap``: what holds each library to fewer instruction sets than the processor has."""
 

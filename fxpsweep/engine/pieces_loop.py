@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fxpsweep.engine.prefetch import prefetch_range
-from fxpsweep.engine.rounding_loop import prefetch_ahead, flat_values, thread_range, follow_torch_threads
+from fxpsweep.engine.rounding_loop import flat_values, follow_torch_threads, prefetch_ahead, thread_range
 from fxpsweep.engine.vector_width import prefer_wide_vectors
 
 prefer_wide_vectors()  # before the first loop is compiled
