@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from fxpsweep.errors import ConfigError
+from fxpsweep.core.errors import ConfigError
 from fxpsweep.sweep import jobdir
 from fxpsweep.sweep.aggregate import accuracy_table, load_results
 from fxpsweep.sweep.config import check_config

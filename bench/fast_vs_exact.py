@@ -21,7 +21,7 @@ from fxpsweep.data.splits import split_digits
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.settings import QuantSettings
 from fxpsweep.models.digits_cnn import pretrained_digits_cnn
-from fxpsweep.sweep.evaluate import Predictions, ranked_classes
+from fxpsweep.engine.evaluate import Predictions, ranked_classes
 
 
 @torch.no_grad()

@@ -29,8 +29,8 @@ import torch
 from throughput import INPUT_SIZE, ChannelsLast, fxpsweep_network, random_model, setup_note
 from torch.fx.experimental.optimization import fuse
 
-from fxpsweep.engine import depthwise_loop, pieces_loop, rounding_loop
-from fxpsweep.engine.host_memory import freed_memory_kept
+from fxpsweep.backends import depthwise_loop, pieces_loop, rounding_loop
+from fxpsweep.backends.host_memory import freed_memory_kept
 
 COMPILED = "compiled rounding passes (torch.compile, all graphs)"
 OUTSIDE = "outside operators (Python, module calls, dispatch)"

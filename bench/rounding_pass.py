@@ -4,7 +4,7 @@
 
 Every register's codes come out of one pass: round, count the values outside
 the format, clamp, store. The engine runs it as a hand-written loop
-(``fxpsweep/engine/rounding_loop.py``, numba) where the format allows, and
+(``fxpsweep/backends/rounding_loop.py``, numba) where the format allows, and
 otherwise as a torch.compile'd pass (``fused.py``), whose CPU code generator
 writes the count as a loop of its own before the loop that stores the codes,
 so that pass reads the register twice.
@@ -44,10 +44,10 @@ import torch
 from throughput import INPUT_SIZE, ChannelsLast, best_images_per_second, fxpsweep_network, random_model, setup_note
 from torch.fx.experimental.optimization import fuse
 
-from fxpsweep.engine import fused, rounding_loop
-from fxpsweep.engine.fixedpoint import QFormat, round_to_integer
-from fxpsweep.engine.host_memory import freed_memory_kept
-from fxpsweep.engine.kernel_choice import processor_name
+from fxpsweep.backends import fused, rounding_loop
+from fxpsweep.core.fixedpoint import QFormat, round_to_integer
+from fxpsweep.backends.host_memory import freed_memory_kept
+from fxpsweep.backends.kernel_choice import processor_name
 
 
 def _round_into_uncounted(v, lo, hi, clamp_lo, clamp_hi, rounding, overflow, total_bits, dtype):

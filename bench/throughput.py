@@ -13,7 +13,7 @@ it, with BatchNorm folded, and folded in channels-last memory order. Peak
 memory is the most that PyTorch's allocator holds at once during one forward
 pass (from the profiler's record of allocations), over that of float32 as
 shipped. As a job on the CPU does, the process keeps freed memory for reuse
-(``fxpsweep.engine.host_memory``; ``--no-keep-freed-memory``: malloc's
+(``fxpsweep.backends.host_memory``; ``--no-keep-freed-memory``: malloc's
 defaults), which speeds float32 and fxpsweep alike.
 
 Configurations: fxpsweep at 8 and 16 bits, ``exact`` and ``fast``, each layer
@@ -57,12 +57,12 @@ import torchvision
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from fxpsweep.engine.host_memory import freed_memory_kept
-from fxpsweep.engine.kernel_choice import isa_caps, processor_name
+from fxpsweep.backends.host_memory import freed_memory_kept
+from fxpsweep.backends.kernel_choice import isa_caps, processor_name
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.ops import FixedDot
 from fxpsweep.engine.settings import QuantSettings
-from fxpsweep.engine.vector_width import prefer_wide_vectors
+from fxpsweep.backends.vector_width import prefer_wide_vectors
 from fxpsweep.models.cifar_resnet import cifar_resnet
 
 INPUT_SIZE = {"resnet20_cifar10": 32}
@@ -307,6 +307,7 @@ def report(args: argparse.Namespace, kept: bool) -> None:
           f"{setup_note(kept)}\n")
     print("| model | configuration | images/s | x float32 | peak MiB | x float32 memory | conv/linear kernels |")
     print("|---|---|---:|---:|---:|---:|---|")
+    ratios: dict[str, dict[str, float]] = {}  # model -> configuration -> x float32, for the summary
     for arch in args.models:
         size = INPUT_SIZE.get(arch, 224)
         torch.manual_seed(0)
@@ -319,8 +320,21 @@ def report(args: argparse.Namespace, kept: bool) -> None:
         for name, value in speed.items():
             mib = memory[name]
             print(f"| {arch} | {name} | {value:.1f} | {value / base:.2f} | {mib:.0f} | {mib / base_memory:.2f} | {kernels.get(name, '')} |", flush=True)
+        ratios[arch] = {"float32 images/s": base, **{name: value / base for name, value in speed.items() if not name.startswith("float32")}}
         del configs
         gc.collect()
+    print_summary(ratios)
+
+
+def print_summary(ratios: dict[str, dict[str, float]]) -> None:
+    """One row per model: the best float32 images/s, then every other configuration's x float32 (the README's table)."""
+    columns = list(dict.fromkeys(name for row in ratios.values() for name in row))
+    print("\nSummary, x float32 (float32: its best form, images/s):\n")
+    print("| model | " + " | ".join(c.removeprefix("fxpsweep ") for c in columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    for arch, row in ratios.items():
+        cells = [f"{row[c]:.1f}" if c == "float32 images/s" else f"{row[c]:.2f}" if c in row else "" for c in columns]
+        print(f"| {arch} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

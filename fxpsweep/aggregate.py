@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from fxpsweep.sweep.aggregate import load_results, replace_between_markers, write_tables
-from fxpsweep.sweep.storage import atomic_write_text
+from fxpsweep.core.storage import atomic_write_text
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fxpsweep.errors import ConfigError, one_line_errors
+from fxpsweep.core.errors import ConfigError, one_line_errors
 from fxpsweep.golden.export import export
 from fxpsweep.sweep.config import check_config
 from fxpsweep.sweep.job import calibrated_network, rule_texts

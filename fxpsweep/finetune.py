@@ -26,11 +26,11 @@ from torchvision import transforms
 
 from fxpsweep.data.preprocess import Transformed
 from fxpsweep.data.splits import cifar_images
-from fxpsweep.errors import ConfigError
+from fxpsweep.core.errors import ConfigError
 from fxpsweep.models.cifar_transfer import cifar_transform, imagenet_initialised
-from fxpsweep.progress import progress
-from fxpsweep.sweep.evaluate import predict
-from fxpsweep.sweep.storage import atomic_torch_save
+from fxpsweep.core.progress import progress
+from fxpsweep.engine.evaluate import predict
+from fxpsweep.core.storage import atomic_torch_save
 
 log = logging.getLogger(__name__)
 

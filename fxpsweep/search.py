@@ -20,21 +20,28 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fxpsweep.errors import ConfigError, one_line_errors
+from fxpsweep.core.errors import ConfigError, one_line_errors
 from fxpsweep.precision.report import write_search_report
 from fxpsweep.precision.search import SearchSettings, search
 from fxpsweep.sweep import jobdir
 from fxpsweep.sweep.config import check_config
 from fxpsweep.sweep.job import job_identity, run_job
-from fxpsweep.sweep.storage import atomic_write_json, atomic_write_text
+from fxpsweep.core.storage import atomic_write_json, atomic_write_text
 
 
-def run_one(cfg: DictConfig, folder: Path) -> dict[str, Any]:
-    """One evaluation of the search as a job in ``folder``: started, finished or failed on record."""
+def run_one(cfg: DictConfig, folder: Path) -> tuple[dict[str, Any], bool]:
+    """One evaluation of the search as a job in ``folder``: its result and whether an earlier run had finished it.
+
+    A result made with the same config is reused (results from before the paired counts ``top1_lost`` are run
+    again); otherwise the job runs, started, finished or failed on record.
+    """
+    earlier = jobdir.finished_result(folder, OmegaConf.to_container(cfg, resolve=True))
+    if earlier is not None and "top1_lost" in earlier:
+        return earlier, True
     identity = job_identity(cfg)
     jobdir.mark_started(folder, identity)
     try:
-        return run_job(cfg, folder, folder)
+        return run_job(cfg, folder, folder), False
     except BaseException as err:
         jobdir.record_failure(folder, identity, err)
         raise

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fxpsweep.engine.network import QuantizedNetwork
-from fxpsweep.errors import ConfigError, one_line_errors
+from fxpsweep.core.errors import ConfigError, one_line_errors
 from fxpsweep.precision.sensitivity import probes, sensitivity_table, write_report
 from fxpsweep.sweep.config import check_config
 from fxpsweep.sweep.job import build, quant_settings

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Regenerate the README's result tables (and the digits plot) from sweeps run now:
+# Regenerate the result tables of README.md and docs/ (and the digits plot) from sweeps run now:
 #   scripts/readme_tables.sh          the embedded default's table and plot (about a minute on 2 cores)
-#   scripts/readme_tables.sh --real   also the ResNet-20 and MobileNetV2 tables (needs data_dir; about 30 minutes)
+#   scripts/readme_tables.sh --real   also docs/calibration.md's ResNet-20 and MobileNetV2 tables (needs data_dir; about 30 minutes)
 # Sweeps land in multirun/readme/<table>/; finished jobs are skipped on a rerun. Each table is rewritten
 # in place between its <!-- NAME --> and <!-- /NAME --> markers by `python -m fxpsweep.aggregate`.
 set -euo pipefail
@@ -9,15 +9,15 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
 store=multirun/readme
 
-table() {  # table MARKER SWEEP_ARGS...
-  local marker=$1; shift
+table() {  # table FILE MARKER SWEEP_ARGS...
+  local file=$1 marker=$2; shift 2
   "$python" run.py -m "$@" "hydra.sweep.dir=$store/$marker"
-  "$python" -m fxpsweep.aggregate "$store/$marker" --readme README.md --marker "$marker"
+  "$python" -m fxpsweep.aggregate "$store/$marker" --readme "$file" --marker "$marker"
 }
 
-table digits-table bits=2,3,4,5,6,8,16
+table README.md digits-table bits=2,3,4,5,6,8,16
 cp "$store/digits-table/bits_vs_accuracy.png" docs/digits_bits_vs_accuracy.png
 if [ "${1:-}" = --real ]; then
-  table resnet20-table model=resnet20_cifar10 dataset=cifar10_test2000 bits=4,5,6,8,10,12,16 calibration.bias_correction=true,false
-  table mobilenet-table model=mobilenet_v2_fused dataset=imagenet_val1300 bits=8 calibration.granularity=channel,tensor calibration.bias_correction=true,false
+  table docs/calibration.md resnet20-table model=resnet20_cifar10 dataset=cifar10_test2000 bits=4,5,6,8,10,12,16 calibration.bias_correction=true,false
+  table docs/calibration.md mobilenet-table model=mobilenet_v2_fused dataset=imagenet_val1300 bits=8 calibration.granularity=channel,tensor calibration.bias_correction=true,false
 fi

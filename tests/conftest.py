@@ -1,7 +1,12 @@
-"""Shared fixtures: the repo root, a per-session cache with the trained digits model, and running the app."""
+"""Shared fixtures: the repo root, a per-session cache with the trained digits model, and running the app;
+the test tiers (markers) and memory given back between test files."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import fnmatch
+import gc
 import os
 import subprocess
 import sys
@@ -61,3 +66,91 @@ def run_app(cache_dir: Path):
         )
 
     return run
+
+
+# Tests that need a cluster, a simulator or the shared data are in the full suite only, never the quick tier.
+NEEDS_MORE = ("slurm", "rtl", "realdata")
+
+# The quick tier (pytest -m "not slow") runs every module and every command at least once; these tests (node id
+# patterns) are left to the full suite: whole torchvision networks, more cases of a property the quick tier
+# already runs once, and sweeps run as processes.
+SLOW = [
+    "backends/test_fused.py::test_compiled_rounding_equals_eager_and_the_reference[[]*",  # one case stays quick:
+    "!backends/test_fused.py::test_compiled_rounding_equals_eager_and_the_reference[[]nearest_even-saturate-dtype0[]]",
+    "backends/test_fused.py::test_combine_and_round_in_one_pass_equals_combine_then_round[[]floor[]]",
+    "backends/test_fused.py::test_a_compiled_pass_served_from_the_cache_to_narrower_vectors_is_exact",
+    "backends/test_rounding_loop.py::*[[]prefetched-*",  # the prefetching loops: their own case stays quick
+    "backends/test_rounding_loop.py::test_kernel_terms_summed_and_rounded_in_one_loop_give_the_reference[[]4-*",
+    "engine/test_layer_codes.py::test_every_kernel_is_exact_with_onednn_held_to_avx2",
+    "engine/test_network_codes.py::*",  # squeezenet1_1 at 8 bits stays quick:
+    "!engine/test_network_codes.py::test_network_is_bit_identical_to_an_integer_rerun[[]squeezenet1_1-8-32-channel[]]",
+    "engine/test_dot_add.py::test_each_layer_that_only_a_residual_add_reads_runs_with_it_in_one_pass[[]8-exact[]]",
+    "engine/test_dot_add.py::test_where_the_loop_does_not_apply_the_two_operations_run_one_after_the_other",
+    "golden/test_golden.py::*",  # export settings and a layer pattern (export and replay) stay quick:
+    "!golden/test_golden.py::test_bad_export_settings",
+    "!golden/test_golden.py::test_a_layer_pattern_exports_only_those_operations",
+    "models/test_models.py::test_model_builds_from_its_checkpoint_and_runs_one_8_bit_batch[[]*",  # two stay quick:
+    "!models/test_models.py::test_model_builds_from_its_checkpoint_and_runs_one_8_bit_batch[[]resnet20_cifar10[]]",
+    "!models/test_models.py::test_model_builds_from_its_checkpoint_and_runs_one_8_bit_batch[[]squeezenet_v1[]]",
+    "models/test_torchvision_offline.py::test_resnet50_runs_from_a_checkpoint_in_torch_home",
+    "sweep/test_config.py::test_every_group_option_composes[[]*",  # each model, dataset and device once stays quick
+    "sweep/test_reuse.py::*",
+    "integration/test_app.py::*",  # a bad combination stays quick (a run: test_commands.py):
+    "!integration/test_app.py::test_bad_model_and_dataset_combinations_fail_with_a_clear_message[[]args0-*",
+    "integration/test_job_folders.py::test_an_override_list_longer_than_255_bytes_gets_a_short_folder",
+    "integration/test_job_folders.py::test_path_and_spaced_values_give_flat_folders_with_the_full_value_on_record",
+    "integration/test_job_folders.py::test_the_readme_imagenet_example_gives_flat_folders",
+    "integration/test_precision.py::test_rules_on_the_command_line_change_exactly_the_registers_they_name",
+    "integration/test_precision.py::test_a_rule_that_matches_nothing_stops_run_py_with_one_line",  # and test_bad_config
+    "models/test_models.py::test_run_py_reports_a_missing_checkpoint_without_a_traceback",  # run.py's one line: test_bad_config
+    "integration/test_quickstart.py::*",
+    "integration/test_search.py::*",  # one bad setting stays quick:
+    "!integration/test_search.py::test_bad_search_settings_are_one_line_errors[[]args0-*",
+    "integration/test_sensitivity.py::*",
+    "integration/test_sweeps.py::*",
+]
+
+
+def quick_config_combinations(ids: list[str]) -> set[str]:
+    """Of ``test_every_group_option_composes``'s model-dataset-device ids, a set that has each option once."""
+    models = sorted({i.split("-")[0] for i in ids})
+    datasets = sorted({i.split("-")[1] for i in ids})
+    devices = sorted({i.split("-")[2] for i in ids})
+    return {f"{m}-{datasets[k % len(datasets)]}-{devices[k % len(devices)]}" for k, m in enumerate(models)}
+
+
+def is_slow(nodeid: str) -> bool:
+    """Whether ``SLOW`` leaves the test (``tests/...`` node id) to the full suite."""
+    path = nodeid.removeprefix("tests/")
+    slow = False
+    for pattern in SLOW:
+        if pattern.startswith("!"):
+            slow = slow and not fnmatch.fnmatchcase(path, pattern[1:])
+        elif fnmatch.fnmatchcase(path, pattern):
+            slow = True
+    return slow
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    compose = "sweep/test_config.py::test_every_group_option_composes["
+    ids = [item.nodeid.split("[", 1)[1][:-1] for item in items if compose in item.nodeid]
+    quick_compose = quick_config_combinations(ids) if ids else set()
+    for item in items:
+        slow = is_slow(item.nodeid) or any(item.get_closest_marker(name) for name in NEEDS_MORE)
+        if compose in item.nodeid and item.nodeid.split("[", 1)[1][:-1] in quick_compose:
+            slow = False
+        if slow:
+            item.add_marker(pytest.mark.slow)
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def give_memory_back() -> None:
+    """After each test file, hand the memory its networks freed back to the system: glibc keeps freed blocks
+    below its mmap threshold in the heap, and one process runs the whole suite."""
+    yield
+    gc.collect()
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from fxpsweep.errors import ConfigError
-from fxpsweep.progress import progress
-from fxpsweep.sweep.storage import atomic_write_bytes
+from fxpsweep.core.errors import ConfigError
+from fxpsweep.core.progress import progress
+from fxpsweep.core.storage import atomic_write_bytes
 
 # Opcodes that carry a byte string, and the size of their header (opcode byte + length field).
 BYTES_HEADERS = {"SHORT_BINSTRING": 2, "BINSTRING": 5, "SHORT_BINBYTES": 2, "BINBYTES": 5, "BINBYTES8": 9}

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from fxpsweep.data.splits import DataSplits
-from fxpsweep.progress import progress
+from fxpsweep.core.progress import progress
 
 log = logging.getLogger(__name__)
 

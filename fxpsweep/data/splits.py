@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from fxpsweep.errors import ConfigError
+from fxpsweep.core.errors import ConfigError
 
 # The digits split is fixed: the embedded model is trained on the training part,
 # so the held-out part must be the same for training and evaluation.
@@ -279,7 +279,7 @@ def split_jpeg_pickle(
     transform apply (``presized``), as in the original tool.
     """
     from fxpsweep.data.jpeg_pickle import PickledJpegs
-    from fxpsweep.sweep.storage import fetch_file
+    from fxpsweep.core.storage import fetch_file
 
     check_counts(n_samples, eval_limit, eval_subset, eval_split)
     if path is None:

@@ -1,2 +1,4 @@
-"""The fixed-point engine: formats and quantization, the operations of a network on integer codes,
-exact dot-product kernels, the network builder, and calibration (choosing each register's F)."""
+"""The fixed-point engine: the network builder (``network``), the operations of a network on integer codes
+(``ops``), calibration (choosing each register's F) and its statistics, GPTQ rounding, a network's costs and
+layer report, and top-k evaluation. Formats and quantization live in ``core``; the kernels that run the
+arithmetic fast, in ``backends``."""

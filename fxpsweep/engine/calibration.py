@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fxpsweep.engine.fixedpoint import quantize, reproducible
-from fxpsweep.errors import ConfigError
+from fxpsweep.core.fixedpoint import quantize, reproducible
+from fxpsweep.core.errors import ConfigError
 
 METHODS = ("max", "overflow_rate", "mse")
 GRANULARITIES = ("tensor", "channel")

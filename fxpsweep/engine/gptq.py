@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fxpsweep.engine.fixedpoint import apply_overflow, reproducible, round_to_integer
-from fxpsweep.engine.kernels import ConvGeometry
+from fxpsweep.core.fixedpoint import apply_overflow, reproducible, round_to_integer
+from fxpsweep.backends.kernels import ConvGeometry
 
 # Added to H's diagonal, as a fraction of its mean: keeps H invertible where
 # the calibration inputs span fewer directions than a row has weights.

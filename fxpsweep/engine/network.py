@@ -47,9 +47,9 @@ from fxpsweep.engine.calibration import (
     frac_bits_per_row,
     max_abs,
 )
-from fxpsweep.engine.fixedpoint import QFormat
+from fxpsweep.core.fixedpoint import QFormat
 from fxpsweep.engine.gptq import gptq_codes, input_hessian
-from fxpsweep.engine.kernel_choice import KernelChooser
+from fxpsweep.backends.kernel_choice import KernelChooser
 from fxpsweep.engine.ops import (
     Dequantize,
     FixedAdd,
@@ -63,9 +63,9 @@ from fxpsweep.engine.ops import (
 )
 from fxpsweep.engine.settings import QuantSettings
 from fxpsweep.engine.statistics import RELU_SUFFIX, StatsObserver, tensor_fingerprint
-from fxpsweep.errors import ConfigError
-from fxpsweep.precision.rules import Rule, resolve
-from fxpsweep.sweep.storage import SOURCES, cached
+from fxpsweep.core.errors import ConfigError
+from fxpsweep.core.rules import Rule, resolve
+from fxpsweep.core.storage import SOURCES, cached
 
 # Operations that map grid values to grid values: they run on codes unchanged.
 EXACT_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
@@ -200,7 +200,7 @@ class QuantizedNetwork(nn.Module):
         self, model: nn.Module, settings: QuantSettings, cache_dir: str | Path | None = None, rules: list[Rule] | None = None
     ) -> None:
         """``cache_dir``: where kernel choices and weight formats are remembered (None: in memory only).
-        ``rules``: per-layer word lengths (``fxpsweep.precision.rules``) over the global ones of ``settings``."""
+        ``rules``: per-layer word lengths (``fxpsweep.core.rules``) over the global ones of ``settings``."""
         super().__init__()
         self.settings = settings
         gm = _trace(model, settings.batchnorm)

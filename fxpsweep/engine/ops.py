@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxpsweep.engine import kernels, rounding_loop
-from fxpsweep.engine.fixedpoint import QFormat, apply_overflow, divide_and_round, quantize_codes
-from fxpsweep.engine.fused import Rounder
-from fxpsweep.engine.kernel_choice import KernelChooser
+from fxpsweep.backends import kernels, rounding_loop
+from fxpsweep.core.fixedpoint import QFormat, apply_overflow, divide_and_round, quantize_codes
+from fxpsweep.backends.fused import Rounder
+from fxpsweep.backends.kernel_choice import KernelChooser
 from fxpsweep.engine.settings import QuantSettings
 from fxpsweep.engine.statistics import RELU_SUFFIX, StatsObserver
-from fxpsweep.errors import ConfigError
+from fxpsweep.core.errors import ConfigError
 
 
 # Bytes of a conv/linear kernel's temporaries per output element, at most. 6 keeps exact 16-bit peak memory

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fxpsweep.engine.calibration import GRANULARITIES, METHODS
-from fxpsweep.engine.kernels import KERNEL_NAMES
-from fxpsweep.engine.fixedpoint import (
+from fxpsweep.backends.kernels import KERNEL_NAMES
+from fxpsweep.core.fixedpoint import (
     OVERFLOW_MODES,
     ROUNDING_MODES,
     QFormat,
     check_bits,
 )
-from fxpsweep.errors import ConfigError
+from fxpsweep.core.errors import ConfigError
 
 ARITHMETIC_MODES = ("exact", "fast")
 BATCHNORM_MODES = ("fold", "keep")
@@ -32,7 +32,7 @@ class QuantSettings:
     than the accumulator's). ``fwd_bits``: activations (network input included). ``rounding`` / ``overflow``: the rule at every rounding
     point. ``acc_bits``: the conv/linear accumulator word (None: exact, as
     wide as needed) with ``acc_overflow`` ``wrap`` or ``saturate`` (after every
-    add, in the order ``fxpsweep.engine.kernels`` states). ``product_bits``: round every
+    add, in the order ``fxpsweep.backends.kernels`` states). ``product_bits``: round every
     product into a word of this many bits before it is summed (None: exact).
     ``batchnorm``: ``fold`` into the preceding conv, or ``keep`` as a quantized
     per-channel multiply-add. ``arithmetic``: ``exact`` (bit-exact) or ``fast``

@@ -4,7 +4,7 @@ Statistics depend on the model, the calibration images and how BatchNorm is
 treated, not on any word length: a sweep gathers them once and every job
 reuses them, from memory when the jobs share a process and from
 ``<cache_dir>/calibration/<key>.pt`` when they share a cache folder
-(``fxpsweep.sweep.storage.cached``).
+(``fxpsweep.core.storage.cached``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fxpsweep.engine.calibration import TensorStats
-from fxpsweep.sweep.storage import cached
+from fxpsweep.core.storage import cached
 
 SAMPLE_SIZE = 16384  # values kept per tensor, uniformly at random
 STATS_VERSION = 3  # bump when what is gathered changes: old cache files are then ignored (3: gathered in float64)

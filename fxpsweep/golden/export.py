@@ -30,11 +30,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxpsweep.engine.fixedpoint import QFormat
+from fxpsweep.core.fixedpoint import QFormat
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.ops import Dequantize, FixedAdd, FixedAvgPool, FixedCat, FixedClamp, FixedDot, FixedInput, FixedOp
-from fxpsweep.errors import ConfigError
-from fxpsweep.sweep.evaluate import ranked_classes
+from fxpsweep.core.errors import ConfigError
+from fxpsweep.engine.evaluate import ranked_classes
 
 FORMAT = "fxpsweep-golden-vectors"
 VERSION = 1

@@ -2,7 +2,7 @@
 
 A model config names the architecture (anything Hydra can instantiate), the
 checkpoint path, where the state dict sits inside the file, a key prefix to
-strip (``module.`` from DataParallel) and the preprocessing; see the README.
+strip (``module.`` from DataParallel) and the preprocessing; see docs/models-and-datasets.md.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Callable
 
 from torch import nn
 
-from fxpsweep.errors import ConfigError
+from fxpsweep.core.errors import ConfigError
 from fxpsweep.models import PretrainedModel
-from fxpsweep.sweep.storage import fetch_file, load_checkpoint
+from fxpsweep.core.storage import fetch_file, load_checkpoint
 
 
 def from_state_dict(

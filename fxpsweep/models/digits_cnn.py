@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from fxpsweep.data.splits import digits_splits
-from fxpsweep.errors import ConfigError
+from fxpsweep.core.errors import ConfigError
 from fxpsweep.models import PretrainedModel
-from fxpsweep.progress import progress
-from fxpsweep.sweep.storage import atomic_torch_save, atomic_write_json, load_checkpoint
+from fxpsweep.core.progress import progress
+from fxpsweep.core.storage import atomic_torch_save, atomic_write_json, load_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ import torch
 import torchvision
 from torchvision import transforms
 
-from fxpsweep.errors import ConfigError
+from fxpsweep.core.errors import ConfigError
 from fxpsweep.models import PretrainedModel
-from fxpsweep.sweep.storage import fetch_file, load_checkpoint
+from fxpsweep.core.storage import fetch_file, load_checkpoint
 
 log = logging.getLogger(__name__)
 

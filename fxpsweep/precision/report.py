@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fxpsweep.precision.search import COSTS, TRACE_FILE
-from fxpsweep.sweep.storage import atomic_write_bytes, atomic_write_text
+from fxpsweep.core.storage import atomic_write_bytes, atomic_write_text
 
 COST_LABELS = {"weight_kib": "weight memory (KiB)", "bitops": "BitOps per image"}
 

@@ -2,8 +2,9 @@
 
 Choices are made on the ``search`` half of the evaluation images and judged
 on the ``holdout`` half, which the search never sees (``eval_split``). Every
-network evaluation is a job (``run_job``) in its own folder under the
-search's, so a killed search resumes from its finished evaluations.
+network evaluation is a job in its own folder under the search's, run (or
+found already finished) by the ``run`` callable the caller passes, so a
+killed search resumes from its finished evaluations.
 
 An assignment *passes* on the search images when an upper confidence bound
 on its paired top-1 drop against float stays within the tolerance:
@@ -59,11 +60,10 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fxpsweep.errors import ConfigError
-from fxpsweep.precision.costs import totals
-from fxpsweep.precision.rules import Rule
-from fxpsweep.sweep.jobdir import finished_result
-from fxpsweep.sweep.storage import atomic_write_json
+from fxpsweep.core.errors import ConfigError
+from fxpsweep.engine.costs import totals
+from fxpsweep.core.rules import Rule
+from fxpsweep.core.storage import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,14 @@ class SearchSettings:
         return evaluation.drop + z * evaluation.drop_error <= self.tolerance
 
 
+# Runs one evaluation's job in a folder, or finds it finished there: (its result, whether it was found finished).
+RunJob = Callable[[DictConfig, Path], tuple[dict[str, Any], bool]]
+
+
 class Evaluator:
     """Runs (or finds already run) one job per assignment, each in a folder of ``out/jobs`` named by a hash of its config."""
 
-    def __init__(self, base: DictConfig, out: Path, run: Callable[[DictConfig, Path], dict[str, Any]]) -> None:
+    def __init__(self, base: DictConfig, out: Path, run: RunJob) -> None:
         self.base, self.out, self.run = base, out, run
         self.trace: list[Evaluation] = []
 
@@ -169,10 +173,7 @@ class Evaluator:
             cfg.report_images = limit or cfg.report_images
         plain = OmegaConf.to_container(cfg, resolve=True)
         folder = self.out / "jobs" / hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
-        result = finished_result(folder, plain)
-        resumed = result is not None and "top1_lost" in result  # results from before the paired counts are run again
-        if not resumed:
-            result = self.run(cfg, folder)
+        result, resumed = self.run(cfg, folder)
         evaluation = Evaluation(
             phase, bits, activation_bits, list(rules), split, result["n_eval"], result["quant_top1"], result["float_top1"],
             result["top1_lost"], result["top1_gained"], result["output_sqnr_db"], result["weight_kib"], result["bitops"], resumed,
@@ -224,7 +225,7 @@ def allocate(knobs: dict[Knob, dict[int, float]], budget: float, price: Callable
         noise += added
 
 
-def search(base: DictConfig, settings: SearchSettings, out: Path, run: Callable[[DictConfig, Path], dict[str, Any]]) -> dict[str, Any]:
+def search(base: DictConfig, settings: SearchSettings, out: Path, run: RunJob) -> dict[str, Any]:
     """Run the search (see the module docstring); returns what ``search.json`` records."""
     evaluate = Evaluator(base, out, run)
     key = COSTS[settings.cost]

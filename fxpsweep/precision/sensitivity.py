@@ -18,7 +18,7 @@ import pandas as pd
 
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.ops import FixedClamp, FixedDot
-from fxpsweep.sweep.storage import atomic_write_bytes, atomic_write_text
+from fxpsweep.core.storage import atomic_write_bytes, atomic_write_text
 
 STEM = "sensitivity"
 

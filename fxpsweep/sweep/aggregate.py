@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from fxpsweep.sweep import jobdir
-from fxpsweep.sweep.storage import atomic_write_bytes, atomic_write_text
+from fxpsweep.core.storage import atomic_write_bytes, atomic_write_text
 
 TABLE_STEM = "bits_vs_accuracy"
 COST_STEM = "bits_vs_cost"
@@ -112,7 +112,7 @@ def accuracy_table(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def cost_table(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per finished job: model, dataset, precision, widths, top-1/top-5 and costs (``precision.costs``)."""
+    """One row per finished job: model, dataset, precision, widths, top-1/top-5 and costs (``engine.costs``)."""
     done = results[results.status == "done"] if "status" in results else results
     if done.empty or "weight_kib" not in done:
         return pd.DataFrame()

@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fxpsweep.data.splits import check_counts
-from fxpsweep.errors import ConfigError
+from fxpsweep.core.errors import ConfigError
 from fxpsweep.sweep.job import keeps_freed_memory, precision_rules, quant_settings
 
 SEED_LIMIT = 2**63  # torch.manual_seed takes seeds below this

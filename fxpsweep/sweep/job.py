@@ -22,19 +22,19 @@ from torch.utils.data import DataLoader, Subset
 import fxpsweep
 from fxpsweep.data.preprocess import prepare, subset_key
 from fxpsweep.data.splits import DataSplits
-from fxpsweep.engine.fixedpoint import check_bits
-from fxpsweep.engine.host_memory import freed_memory_kept
+from fxpsweep.core.fixedpoint import check_bits
+from fxpsweep.backends.host_memory import freed_memory_kept
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.report import layer_sqnr, layer_table
 from fxpsweep.engine.settings import QuantSettings
 from fxpsweep.engine.statistics import cached_stats, weights_fingerprint
-from fxpsweep.errors import ConfigError
+from fxpsweep.core.errors import ConfigError
 from fxpsweep.models import PretrainedModel
-from fxpsweep.precision.costs import layer_costs, totals
-from fxpsweep.precision.rules import Rule, parse_rule
-from fxpsweep.sweep.evaluate import Predictions, paired_top1, predict
+from fxpsweep.engine.costs import layer_costs, totals
+from fxpsweep.core.rules import Rule, parse_rule
+from fxpsweep.engine.evaluate import Predictions, paired_top1, predict
 from fxpsweep.sweep.jobdir import RESULT_FILE
-from fxpsweep.sweep.storage import atomic_write_json, atomic_write_text, cached
+from fxpsweep.core.storage import atomic_write_json, atomic_write_text, cached
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def keeps_freed_memory(cfg: DictConfig) -> bool:
 
 
 def job_memory(cfg: DictConfig) -> contextlib.AbstractContextManager[bool]:
-    """The host memory rule of a job: freed memory kept for reuse while it runs (``engine.host_memory``),
+    """The host memory rule of a job: freed memory kept for reuse while it runs (``backends.host_memory``),
     on the CPU unless ``device.keep_freed_memory`` is false."""
     return freed_memory_kept(cfg.device.name == "cpu" and keeps_freed_memory(cfg))
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from fxpsweep.sweep.storage import atomic_write_json
+from fxpsweep.core.storage import atomic_write_json
 
 JOB_FILE = "job.json"
 RESULT_FILE = "result.json"

@@ -1,0 +1,139 @@
+"""Dataset loaders on small datasets made on the fly in their real on-disk formats, and the image cache."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from fxpsweep.data.splits import split_cifar, split_imagenet_folder, split_jpeg_pickle
+from fxpsweep.core.errors import ConfigError
+from fxpsweep.models.cifar_transfer import cifar_transform
+from fxpsweep.data.preprocess import CachedImages, prepare
+from made_on_the_fly import make_cifar, make_imagenet_folder
+
+RESNET_TRANSFORM = torchvision.transforms.Compose([
+    torchvision.transforms.Resize(256), torchvision.transforms.CenterCrop(224),
+    torchvision.transforms.ToTensor(), torchvision.transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+])
+
+
+def python2_pickle(jpegs: list[bytes], labels: list[int]) -> bytes:
+    """``{'data': jpegs, 'target': labels}`` pickled the way Python 2 wrote val224_compressed.pkl (protocol 2,
+    str values as BINSTRING), written opcode by opcode since Python 3 cannot produce it."""
+    out = bytearray(b"\x80\x02}q\x00(")  # PROTO 2, EMPTY_DICT, BINPUT 0, MARK
+    out += b"U\x04data" + b"]q\x01("  # SHORT_BINSTRING 'data', EMPTY_LIST, BINPUT 1, MARK
+    for jpeg in jpegs:
+        out += b"T" + struct.pack("<I", len(jpeg)) + jpeg  # BINSTRING
+    out += b"e"  # APPENDS
+    out += b"U\x06target" + b"]q\x02("
+    for label in labels:
+        out += b"M" + struct.pack("<H", label) if label > 255 else b"K" + bytes([label])  # BININT2 / BININT1
+    out += b"eu."  # APPENDS, SETITEMS, STOP
+    return bytes(out)
+
+
+@pytest.fixture
+def imagenet_pair(tmp_path):
+    """An ImageNet-layout folder of real JPEGs, and the same JPEG files in both pickle formats."""
+    root = make_imagenet_folder(tmp_path / "val", {3: 2, 500: 3, 999: 2})
+    files = sorted(root.rglob("*.JPEG"))  # ImageFolder's order: by class folder, then name
+    jpegs = [f.read_bytes() for f in files]
+    labels = [int(f.parent.name[1:]) for f in files]
+    py2 = tmp_path / "val224_compressed.pkl"
+    py2.write_bytes(python2_pickle(jpegs, labels))
+    py3 = tmp_path / "val224_py3.pkl"
+    py3.write_bytes(pickle.dumps({"data": jpegs, "target": labels}, protocol=4))
+    return root, py2, py3, labels
+
+
+def test_jpeg_pickle_and_folder_load_the_same_tensors(imagenet_pair, tmp_path) -> None:
+    root, py2, py3, labels = imagenet_pair
+    with open(py2, "rb") as f:  # the hand-written pickle is what Python 2 would have written
+        assert pickle.load(f, encoding="bytes")[b"target"] == labels
+    folder = split_imagenet_folder(str(root), n_samples=2, eval_limit=None, seed=0)
+    for path in (py2, py3):
+        pkl = split_jpeg_pickle(str(path), None, str(tmp_path / "cache"), n_samples=2, eval_limit=None, seed=0)
+        assert pkl.calibration_source == folder.calibration_source
+        for a, b in ((folder.calibration, pkl.calibration), (folder.evaluation, pkl.evaluation)):
+            assert len(a) == len(b)
+            for (image_a, label_a), (image_b, label_b) in zip(a, b):
+                assert label_a == label_b
+                assert torch.equal(RESNET_TRANSFORM(image_a), RESNET_TRANSFORM(image_b))
+    # The presized pickle gets only the tensor steps of a model's transform (the images are 224 crops already).
+    pkl = split_jpeg_pickle(str(py2), None, str(tmp_path / "cache"), n_samples=2, eval_limit=None, seed=0)
+    inputs = prepare(pkl, RESNET_TRANSFORM, {"name": "test"}, None)
+    image, _ = pkl.evaluation[0]
+    tensor_steps = torchvision.transforms.Compose(RESNET_TRANSFORM.transforms[2:])
+    assert torch.equal(inputs.evaluation[0][0], tensor_steps(image))
+
+
+def test_a_file_that_is_not_a_jpeg_pickle_is_refused(tmp_path) -> None:
+    path = tmp_path / "other.pkl"
+    path.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    with pytest.raises(ConfigError, match="not a val224_compressed.pkl"):
+        split_jpeg_pickle(str(path), None, str(tmp_path / "cache"), n_samples=1, eval_limit=None, seed=0)
+
+
+def test_missing_jpeg_pickle_names_the_file_and_url(tmp_path, monkeypatch) -> None:
+    def offline(url, dst, hash_prefix=None, progress=True):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    url = "http://ml.cs.tsinghua.edu.cn/~chenxi/dataset/val224_compressed.pkl"
+    with pytest.raises(ConfigError) as err:
+        split_jpeg_pickle(str(tmp_path / "val224_compressed.pkl"), url, str(tmp_path), n_samples=1, eval_limit=None, seed=0)
+    assert url in str(err.value) and str(tmp_path / "val224_compressed.pkl") in str(err.value)
+
+
+def test_image_cache_gives_the_uncached_tensors(tmp_path) -> None:
+    root = make_imagenet_folder(tmp_path / "val", {1: 3, 2: 3})
+    splits = split_imagenet_folder(str(root), n_samples=2, eval_limit=None, seed=0)
+    key = {"name": "imagenet", "root": str(root)}
+    plain = prepare(splits, RESNET_TRANSFORM, key, None)
+    cached = prepare(splits, RESNET_TRANSFORM, key, tmp_path / "cache")  # fills the cache
+    again = prepare(splits, RESNET_TRANSFORM, key, tmp_path / "cache")  # reads it
+    assert isinstance(again.evaluation, CachedImages) and len(list((tmp_path / "cache" / "images").iterdir())) == 2
+    for part in ("calibration", "evaluation"):
+        for (x, y), (xc, yc), (xa, ya) in zip(getattr(plain, part), getattr(cached, part), getattr(again, part)):
+            assert torch.equal(x, xc) and torch.equal(x, xa) and y == yc == ya
+    # Another crop is another cache entry, never a stale hit.
+    other = torchvision.transforms.Compose([torchvision.transforms.Resize(128), torchvision.transforms.CenterCrop(112),
+                                            *RESNET_TRANSFORM.transforms[2:]])
+    assert prepare(splits, other, key, tmp_path / "cache").evaluation[0][0].shape == (3, 112, 112)
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_cifar_calibrates_on_training_images_and_evaluates_on_the_test_split(classes, tmp_path, monkeypatch) -> None:
+    make_cifar(tmp_path, classes, n_train=50, n_test=30)
+    # Our files are not the published ones, whose md5 torchvision checks.
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: Path(path).is_file())
+    splits = split_cifar(classes, str(tmp_path), False, n_samples=5, eval_limit=12, seed=0, eval_subset="random")
+    assert splits.calibration_source == "train[seed 0: 5 of 50]" and len(splits.evaluation) == 12
+    first = split_cifar(classes, str(tmp_path), False, n_samples=5, eval_limit=12, seed=0)
+    assert list(first.evaluation.indices) == list(range(12)) and list(splits.evaluation.indices) != list(range(12))
+    x, y = prepare(splits, cifar_transform(64), {"name": f"cifar{classes}"}, None).evaluation[0]
+    assert x.shape == (3, 64, 64) and 0 <= y < classes
+
+
+def test_cifar_without_files_or_network_says_what_to_do(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="cifar-10-python.tar.gz"):
+        split_cifar(10, str(tmp_path), False, n_samples=5, eval_limit=None, seed=0)
+
+
+def test_eval_subset_is_checked(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="eval_subset='last'"):
+        split_cifar(10, str(tmp_path), False, n_samples=5, eval_limit=None, seed=0, eval_subset="last")
+
+
+def test_python2_pickle_helper_writes_real_jpegs(imagenet_pair) -> None:
+    _, py2, _, _ = imagenet_pair
+    with open(py2, "rb") as f:
+        data = pickle.load(f, encoding="bytes")[b"data"]
+    assert Image.open(io.BytesIO(data[0])).format == "JPEG"

@@ -1,0 +1,120 @@
+"""Every config value that could make a job fail gives one line naming the key and what is allowed.
+
+Each bad value is composed as ``run.py`` composes it and checked in this process (``check_config``, or
+Hydra's own error for a missing group option); what ``run.py`` makes of such an error (exit non-zero, one
+line, no traceback, no result file) is proven through ``python run.py`` for one value of each kind: a value
+``check_config`` refuses, a missing group option, and a rule that only the built model can refuse.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+
+from conftest import REPO
+from fxpsweep.core.errors import ConfigError
+from fxpsweep.sweep.config import check_config
+
+# Each top-level key of conf/config.yaml that takes a number, a name, a flag or a path: bad values
+# and a piece of the message that names the key and what is allowed.
+BAD_VALUES: dict[str, list[tuple[str, str]]] = {
+    "bits": [("bits=1", "bits=1 is impossible"), ("bits=eight", "bits='eight' is not a whole number")],
+    "param_bits": [("param_bits=33", "param_bits=33 is impossible")],
+    "bias_bits": [("bias_bits=0", "bias_bits=0 is impossible")],
+    "fwd_bits": [("fwd_bits=2.5", "fwd_bits=2.5 is not a whole number")],
+    "rounding": [("rounding=round", "rounding='round' is unknown; allowed: nearest_even")],
+    "overflow": [("overflow=clip", "overflow='clip' is unknown; allowed: saturate, wrap")],
+    "arithmetic": [("arithmetic=quick", "arithmetic='quick' is unknown; allowed: exact, fast")],
+    "kernel": [("kernel=gpu", "kernel='gpu' is unknown; allowed: auto, onednn_int8")],
+    "acc_bits": [("acc_bits=64", "acc_bits=64 is impossible")],
+    "acc_overflow": [("acc_overflow=clip", "acc_overflow='clip' is unknown; allowed: saturate, wrap")],
+    "product_bits": [("product_bits=x", "product_bits='x' is not a whole number")],
+    "batchnorm": [("batchnorm=drop", "batchnorm='drop' is unknown; allowed: fold, keep")],
+    "calibration": [
+        ("calibration.activations=mean", "calibration.activations='mean' is unknown; allowed: max, overflow_rate, mse"),
+        ("calibration.weights=kl", "calibration.weights='kl' is unknown"),
+        ("calibration.granularity=row", "calibration.granularity='row' is unknown; allowed: tensor, channel"),
+        ("calibration.overflow_rate=1.5", "calibration.overflow_rate=1.5 must be a fraction in [0, 1)"),
+        ("calibration.bias_correction=sometimes", "calibration.bias_correction='sometimes' must be true or false"),
+        ("calibration.weight_rounding=adaround", "calibration.weight_rounding='adaround' is unknown; allowed: plain, gptq"),
+    ],
+    "n_samples": [("n_samples=0", "n_samples=0 must be a positive integer")],
+    "eval_limit": [("eval_limit=-5", "eval_limit=-5 must be a positive integer, or null")],
+    "eval_subset": [("eval_subset=last", "eval_subset='last' is unknown; allowed: first, random")],
+    "eval_split": [("eval_split=train", "eval_split='train' is unknown; allowed: all, search, holdout")],
+    "probe": [("probe='conv9 weight=4'", "probe: rule 'conv9 weight=4' matches no layer; closest layer names:"),
+              ("probe=conv9", "probe: rule 'conv9' sets nothing")],
+    "image_cache": [("image_cache=maybe", "image_cache='maybe' must be true or false")],
+    "batch_size": [("batch_size=0", "batch_size=0 is not allowed; allowed: an integer >= 1"), ("batch_size=many", "batch_size='many'")],
+    "workers": [("workers=-1", "workers=-1 is not allowed; allowed: an integer >= 0")],
+    "seed": [("seed=-1", "seed=-1 is not allowed; allowed: an integer >= 0"), ("seed=1.5", "seed=1.5 is not allowed")],
+    "report_images": [("report_images=all", "report_images='all' is not allowed; allowed: an integer >= 0")],
+    "cache_dir": [("cache_dir=/proc/no/such", "cache_dir=/proc/no/such is not a folder fxpsweep can write to")],
+    "dry_run": [("dry_run=2", "dry_run=2 must be true or false")],
+    "data_dir": [("data_dir=''", "data_dir='' must be a folder path")],
+    "model": [("model=vgg99", "Could not find 'model/vgg99'")],
+    "dataset": [("dataset=mnist", "Could not find 'dataset/mnist'")],
+    "device": [("device=tpu", "Could not find 'device/tpu'"),
+               ("device.keep_freed_memory=sometimes", "device.keep_freed_memory='sometimes' must be true or false")],
+    "precision": [("precision=mixed", "Could not find 'precision/mixed'"),
+                  ('precision.rules=["features.0 weight=40"]', "precision.rules[0]: weight=40 in rule 'features.0 weight=40' is not a word length")],
+}
+
+
+def test_every_top_level_key_has_bad_values_under_test() -> None:
+    config = yaml.safe_load((REPO / "conf" / "config.yaml").read_text())
+    groups = {next(iter(d)) for d in config["defaults"] if isinstance(d, dict)}
+    keys = (set(config) - {"defaults", "hydra"}) | groups
+    assert keys == set(BAD_VALUES)
+
+
+# Values that only the job itself refuses (the rule is checked against the built model's layers).
+AFTER_BUILD = {"probe='conv9 weight=4'"}
+# One of each kind through run.py.
+THROUGH_RUN_PY = ["bits=eight", "model=vgg99", "probe='conv9 weight=4'"]
+
+
+def bad_config_error(arg: str, tmp_path) -> str:
+    """The error a job composed with ``arg`` stops on, before anything runs: Hydra's or ``check_config``'s."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        try:
+            cfg = compose("config", overrides=[arg, f"cache_dir={tmp_path / 'cache'}"] if not arg.startswith("cache_dir=") else [arg])
+        except HydraException as err:
+            return str(err)
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("arg, message", [(a, m) for values in BAD_VALUES.values() for a, m in values if a not in AFTER_BUILD],
+                         ids=lambda v: v if "=" in v else "")
+def test_each_bad_value_is_refused_with_one_line_naming_it(arg: str, message: str, tmp_path) -> None:
+    error = bad_config_error(arg, tmp_path)
+    assert message in error
+    if not arg.startswith(("model=", "dataset=", "device=", "precision=")):  # Hydra's own message may run longer
+        assert "\n" not in error.strip()
+
+
+def test_run_py_stops_on_a_bad_value_with_one_line_and_no_result(run_app, tmp_path) -> None:
+    cases = [(arg, message) for values in BAD_VALUES.values() for arg, message in values if arg in THROUGH_RUN_PY]
+    assert len(cases) == len(THROUGH_RUN_PY)
+
+    def run(index: int):
+        return run_app(cases[index][0], f"hydra.run.dir={tmp_path / str(index)}")
+
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(run, range(len(cases))))
+    problems = []
+    for index, ((arg, message), proc) in enumerate(zip(cases, procs)):
+        lines = proc.stderr.strip().splitlines()
+        if proc.returncode == 0 or "Traceback" in proc.stderr or not any(message in line for line in lines):
+            problems.append(f"{arg}: exit {proc.returncode}, stderr {proc.stderr[-500:]!r}")
+        elif arg.split("=")[0] not in ("model", "dataset", "device", "precision") and len(lines) != 1:
+            problems.append(f"{arg}: {len(lines)} lines on stderr: {proc.stderr[-500:]!r}")
+        if (tmp_path / str(index) / "result.json").exists():
+            problems.append(f"{arg}: a result file was written")
+    assert not problems, "\n".join(problems)
