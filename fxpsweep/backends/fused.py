@@ -6,7 +6,7 @@ cost as much as an 8-bit convolution. Compiled, they are one loop. The
 compiled functions run the same torch operations as the eager ones
 (``fixedpoint.round_to_integer`` decides every mode on the exact fraction;
 comparisons, clamps and conversions of integers are exact), so the codes are
-identical; ``tests/test_fused.py`` checks it.
+identical; ``tests/backends/test_fused.py`` checks it.
 
 On the CPU, the default rule (round half to even, saturate) of a register,
 of the network input, of a residual add and of a kernel's terms runs instead
@@ -113,7 +113,7 @@ def _compile_options() -> dict[str, int]:
     process held to AVX2 (``ATEN_CPU_CAPABILITY=avx2``, or a cache folder shared
     by a cluster's nodes) gave wrong values, NaN among them (torch 2.14.1: the
     8-bit pieces of a layer's input off by up to 2.75e4 in its output, caught
-    by the kernels' check; ``tests/test_fused.py``). A width named in the
+    by the kernels' check; ``tests/backends/test_fused.py``). A width named in the
     options is part of the cache key.
     """
     from torch._inductor.cpu_vec_isa import pick_vec_isa
