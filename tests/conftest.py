@@ -93,7 +93,6 @@ SLOW = [
     "!models/test_models.py::test_model_builds_from_its_checkpoint_and_runs_one_8_bit_batch[[]resnet20_cifar10[]]",
     "!models/test_models.py::test_model_builds_from_its_checkpoint_and_runs_one_8_bit_batch[[]squeezenet_v1[]]",
     "models/test_torchvision_offline.py::test_resnet50_runs_from_a_checkpoint_in_torch_home",
-    "sweep/test_config.py::test_every_group_option_composes[[]*",  # each model, dataset and device once stays quick
     "sweep/test_reuse.py::*",
     "integration/test_app.py::*",  # a bad combination stays quick (a run: test_commands.py):
     "!integration/test_app.py::test_bad_model_and_dataset_combinations_fail_with_a_clear_message[[]args0-*",
@@ -111,14 +110,6 @@ SLOW = [
 ]
 
 
-def quick_config_combinations(ids: list[str]) -> set[str]:
-    """Of ``test_every_group_option_composes``'s model-dataset-device ids, a set that has each option once."""
-    models = sorted({i.split("-")[0] for i in ids})
-    datasets = sorted({i.split("-")[1] for i in ids})
-    devices = sorted({i.split("-")[2] for i in ids})
-    return {f"{m}-{datasets[k % len(datasets)]}-{devices[k % len(devices)]}" for k, m in enumerate(models)}
-
-
 def is_slow(nodeid: str) -> bool:
     """Whether ``SLOW`` leaves the test (``tests/...`` node id) to the full suite."""
     path = nodeid.removeprefix("tests/")
@@ -132,18 +123,13 @@ def is_slow(nodeid: str) -> bool:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    compose = "sweep/test_config.py::test_every_group_option_composes["
-    ids = [item.nodeid.split("[", 1)[1][:-1] for item in items if compose in item.nodeid]
-    quick_compose = quick_config_combinations(ids) if ids else set()
     for item in items:
-        slow = is_slow(item.nodeid) or any(item.get_closest_marker(name) for name in NEEDS_MORE)
-        if compose in item.nodeid and item.nodeid.split("[", 1)[1][:-1] in quick_compose:
-            slow = False
-        if slow:
+        if is_slow(item.nodeid) or any(item.get_closest_marker(name) for name in NEEDS_MORE):
             item.add_marker(pytest.mark.slow)
 
 
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+_LIBC_NAME = ctypes.util.find_library("c")
+_LIBC = ctypes.CDLL(_LIBC_NAME) if _LIBC_NAME else None
 
 
 @pytest.fixture(autouse=True, scope="module")
