@@ -19,8 +19,8 @@ from omegaconf import DictConfig
 from fxpsweep.core.errors import ConfigError
 from fxpsweep.sweep import jobdir
 from fxpsweep.sweep.aggregate import accuracy_table, load_results
-from fxpsweep.sweep.config import check_config
-from fxpsweep.sweep.job import job_identity, plain_config, run_job
+from fxpsweep.sweep.config import check_config, job_identity, plain_config
+from fxpsweep.sweep.job import run_job
 
 log = logging.getLogger("fxpsweep")
 

@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from fxpsweep.core.errors import ConfigError, one_line_errors
 from fxpsweep.golden.export import export
-from fxpsweep.sweep.config import check_config
-from fxpsweep.sweep.job import calibrated_network, rule_texts
+from fxpsweep.sweep.config import check_config, rule_texts
+from fxpsweep.sweep.job import calibrated_network
 
 
 def run(cfg: DictConfig) -> None:

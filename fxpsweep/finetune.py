@@ -30,6 +30,7 @@ from fxpsweep.core.errors import ConfigError
 from fxpsweep.models.cifar_transfer import cifar_transform, imagenet_initialised
 from fxpsweep.core.progress import progress
 from fxpsweep.engine.evaluate import predict
+from fxpsweep.sweep.job import resolve_device  # and with it the job schema Hydra composes (fxpsweep.sweep.config)
 from fxpsweep.core.storage import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,6 @@ def top1(model: nn.Module, images: Dataset, batch_size: int, device: torch.devic
 
 def finetune(cfg: DictConfig) -> float:
     """Fine-tune ``cfg.model`` on ``cfg.dataset``, save it to the model's checkpoint, return its test top-1."""
-    from fxpsweep.sweep.job import resolve_device
-
     if "arch" not in cfg.model or "num_classes" not in cfg.model:
         raise ConfigError(f"model={cfg.model.name} is not a CIFAR transfer model (*_cifar10 / *_cifar100 of a torchvision arch)")
     if cfg.dataset.name != f"cifar{cfg.model.num_classes}":

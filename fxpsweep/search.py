@@ -24,8 +24,8 @@ from fxpsweep.core.errors import ConfigError, one_line_errors
 from fxpsweep.precision.report import write_search_report
 from fxpsweep.precision.search import SearchSettings, search
 from fxpsweep.sweep import jobdir
-from fxpsweep.sweep.config import check_config
-from fxpsweep.sweep.job import job_identity, run_job
+from fxpsweep.sweep.config import check_config, job_identity
+from fxpsweep.sweep.job import run_job
 from fxpsweep.core.storage import atomic_write_json, atomic_write_text
 
 

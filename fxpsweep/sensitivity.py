@@ -21,8 +21,8 @@ from omegaconf import DictConfig
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.core.errors import ConfigError, one_line_errors
 from fxpsweep.precision.sensitivity import probes, sensitivity_table, write_report
-from fxpsweep.sweep.config import check_config
-from fxpsweep.sweep.job import build, quant_settings
+from fxpsweep.sweep.config import check_config, quant_settings
+from fxpsweep.sweep.job import build
 
 RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
 

@@ -88,7 +88,18 @@ def round_div(num: np.ndarray, den: np.ndarray | int, rounding: str) -> np.ndarr
 
 
 def overflow_array(k: np.ndarray, total_bits: int, overflow: str) -> np.ndarray:
-    return np.vectorize(lambda v: overflow_int(int(v), total_bits, overflow), otypes=[np.int64])(k) if k.size else k
+    """``overflow_int`` of every element of the int64 array ``k``, by the same integer operations on int64
+    (two's complement, as Python's ints behave under ``&``): exact for words of up to 62 bits."""
+    k = np.asarray(k, dtype=np.int64)
+    if total_bits > 62:
+        return np.vectorize(lambda v: overflow_int(int(v), total_bits, overflow), otypes=[np.int64])(k) if k.size else k
+    lo, hi = -(1 << (total_bits - 1)), (1 << (total_bits - 1)) - 1
+    if overflow == "saturate":
+        return np.clip(k, lo, hi)
+    if overflow == "wrap":
+        low_bits = k & np.int64((1 << total_bits) - 1)
+        return np.where(low_bits > hi, low_bits - np.int64(1 << total_bits), low_bits)
+    raise ValueError(overflow)
 
 
 def requantize_array(value: np.ndarray, from_frac: np.ndarray | int, to_bits: int, to_frac: int, rounding: str, overflow: str) -> np.ndarray:

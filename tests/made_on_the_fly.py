@@ -1,4 +1,4 @@
-"""Data and checkpoints made on the fly in the real formats, for tests that must not download anything."""
+"""Networks, data and checkpoints made on the fly in the real formats, for tests that must not download anything."""
 
 from __future__ import annotations
 
@@ -9,8 +9,22 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
+from torch import nn
 
 from fxpsweep.models import torchvision_zoo
+
+
+def random_network(arch: str) -> nn.Module:
+    """A torchvision ``arch`` with seeded random weights and randomized BatchNorm (statistics and affine), in eval mode."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
 
 
 def make_cifar(root: Path, classes: int, n_train: int, n_test: int) -> None:

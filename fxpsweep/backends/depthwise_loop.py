@@ -5,11 +5,10 @@ channel: MobileNet's 3x3 layers) does 9 multiply-adds per output value, so
 its cost is memory, not arithmetic. At 16 bits no float32 call is exact (9
 products of up to 2**30), so the other exact kernels split the codes into
 bytes and run four or five convolutions, each writing a float32 term, and a
-pass that sums and rounds the terms: MobileNetV2's features.2.conv.1 took
-109 ms a batch that way, where a float32 convolution of its shape takes 8.
-This loop reads the input once, sums each output's products in float64, adds
-the bias and rounds, counts and clamps as ``rounding_loop`` does, writing
-only the output codes (15 ms; ad hoc, 2-core Xeon, batch 32).
+pass that sums and rounds the terms, many times a float32 convolution's
+memory traffic. This loop reads the input once, sums each output's products
+in float64, adds the bias and rounds, counts and clamps as ``rounding_loop``
+does, writing only the output codes.
 
 Exact under the float64 kernel's bound (``kernels.FLOAT64_EXACT``): every
 product and every partial sum of a window, in any order, is an integer below

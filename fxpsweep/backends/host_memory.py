@@ -10,11 +10,9 @@ register at batch 32: 147 MiB), so every batch faults in and zeroes every
 page of every register again, float32 PyTorch as well as the fixed-point
 engine. Inside ``freed_memory_kept`` both thresholds are at their largest:
 blocks come from the heap, and freed ones stay there for the next batch of
-the same shapes. On a 2-core Xeon (``bench/throughput.py --models
-mobilenet_v2``, with and without ``--no-keep-freed-memory``; batch 32, 2
-threads): float32 123 -> 217 images/s, 8-bit exact 120 -> 198
-(``bench/results/throughput-cpu-avx512-vnni.md``); the resident memory of 12
-such batches 1.4 -> 2.1 GiB (ad hoc).
+the same shapes, for float32 PyTorch and the engine alike, at the cost of a
+larger resident heap (``bench/throughput.py --no-keep-freed-memory`` measures
+the difference).
 
 Kept for one job only: a heap that never gives memory back grows with the
 different sizes of unrelated work (a test process that then built every

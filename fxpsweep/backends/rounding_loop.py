@@ -2,18 +2,15 @@
 
 torch.compile's CPU code generator writes a count over a whole tensor as a
 loop of its own, before the loop that stores the codes, so its pass reads the
-register twice and counting costs as much as rounding
-(``bench/rounding_pass.py``, MobileNetV2's largest register: 18.6 ms, 8.6 ms
-without the count, 8.5 ms for this loop). These loops do the four steps per
+register twice and counting costs as much as rounding (``bench/rounding_pass.py``
+times both passes). These loops do the four steps per
 value in one read and one write, and LLVM vectorizes them: one for a
 register or the network input (``round_into``, over itself or into a new
 tensor), one for a residual add (``add_round_into``), one for a
 conv/linear register together with the residual add that is its only reader
 (``round_then_add``: the register's codes are never stored), and one for the
 terms of a kernel of several calls, summed in float64 and rounded
-(``combine_round_into``: resnet20_cifar10 at 16 bits exact 36.1 -> 27.7 ms a
-batch, resnet18 535 -> 396 ms, against the compiled pass; 2-core Xeon, ad
-hoc, side by side). They cover the default rule, round half to even with
+(``combine_round_into``). They cover the default rule, round half to even with
 saturation, on dense float32 and float64 CPU tensors (``supports``,
 ``combines``); every other case stays on ``fused``'s compiled pass.
 
@@ -27,14 +24,13 @@ a kernel's terms (integers times powers of two, in float64), are exact by
 their callers' bounds, so no order of evaluation can change them.
 
 Speed after a convolution: each thread takes one contiguous range of the
-register, in order, as torch shares an element-wise operation (on a 32 x 16
-x 32 x 32 register just written: 54 us, 92 us in the reverse order, 75 us in
-pieces handed out by numba's scheduler; ad hoc, 2-core Xeon), and registers
-larger than a core's L2 cache are walked with the next block prefetched. A
-call is kept short, which matters on small registers: the tensors go in as
-NumPy views of their memory and the constants as one array, not a dozen
-scalars that numba's dispatcher types one by one (a 32 x 64 x 8 x 8 register
-just written: 26 us a call before, 18 after; ReLU 8.5 us).
+register, in order, as torch shares an element-wise operation (the part of the
+register a core wrote is still in its cache; numba's own scheduler hands out
+pieces in another order), and registers larger than a core's L2 cache are
+walked with the next block prefetched. A call is kept short, which matters on
+small registers: the tensors go in as NumPy views of their memory and the
+constants as one array, not a dozen scalars that numba's dispatcher types one
+by one.
 """
 
 from __future__ import annotations
@@ -56,10 +52,8 @@ prefer_wide_vectors()  # before the first loop is compiled
 PIECE = 1 << 16  # values per call of a loop: its float32 count stays below 2**24 (exact)
 # A register of more than PREFETCH_FROM values (4 MiB of float32, more than a core's L2 cache) comes from
 # memory: its pieces are walked in blocks of BLOCK values, the cache lines AHEAD values on asked for before
-# each (``prefetch``). 2 KiB blocks, the next block's lines: the fastest of blocks of 256 to 2048 values and
-# 256 to 16384 values ahead (2-core Xeon, AMX; ad hoc, in place, just written: 38.5 M values 9.0 -> 5.3 ms,
-# torch's clamp 5.3 ms; 4 KiB or more ahead 7.9 to 8.3 ms). On a register in the cache it costs 5 to 20 %
-# (0.5 M values: 33 -> 37 us), hence the threshold.
+# each (``prefetch``): 2 KiB blocks, the next block's lines, the fastest of the block sizes and distances
+# tried. On a register already in the cache a prefetch only costs, hence the threshold.
 PREFETCH_FROM = 1 << 20
 BLOCK = 512
 AHEAD = 512
@@ -89,8 +83,7 @@ def _round_over(v, scale, low, high, clamp_low, clamp_high):  # pragma: no cover
 
 @numba.njit(boundscheck=False, fastmath={"reassoc"}, cache=True)
 def _round_over_unscaled(v, low, high, clamp_low, clamp_high):  # pragma: no cover (compiled)
-    # ``_round_over`` with a scale of 1 (a conv/linear register): one multiply fewer per value, which is a
-    # tenth of the loop's work (0.102 -> 0.092 ns a value in the cache, one thread, 2-core Xeon; ad hoc).
+    # ``_round_over`` with a scale of 1 (a conv/linear register): one multiply fewer per value.
     count = np.float32(0)
     for i in range(v.size):
         v[i], overflowed = clamped_code(np.rint(v[i]), low, high, clamp_low, clamp_high)
@@ -218,8 +211,8 @@ def _round_then_add_in_pieces(v, b, p, ahead, threads):  # pragma: no cover (com
 @numba.njit(inline="always")
 def _term_sum(terms, weights, i):  # pragma: no cover (compiled)
     """``sum_t terms[t][i] * weights[t]`` in float64. ``terms`` is a tuple of a fixed length (its type's), so
-    LLVM unrolls this loop and the caller's loop over ``i`` reads every term at once, vectorized: summing
-    term after term into a buffer in the cache took 2.2 times as long (4 terms of 0.5 M values; ad hoc)."""
+    LLVM unrolls this loop and the caller's loop over ``i`` reads every term at once, vectorized, instead of
+    summing term after term into a buffer."""
     total = 0.0
     for t in range(len(terms)):
         total += terms[t][i] * weights[t]
@@ -244,8 +237,7 @@ def _combine_pixels(terms, weights, extra, extra_weight, offset, scale, bias, ou
         start = pixel * channels
         n = (min(last, pixel + step) - pixel) * channels
         block_count = np.float32(0)
-        # The loops index the terms by j itself (not start + j): LLVM then vectorizes them (ad hoc, 4 terms of
-        # 0.5 M values rounded, one thread: 0.68 ms, 1.8 ms with start + j).
+        # The loops index the terms by j itself (not start + j): LLVM then vectorizes them.
         if extra.size:
             for j in range(start, start + n):
                 v = _term_sum(terms, weights, j) + extra[j] * extra_weight + block_offset[j - start]
@@ -296,8 +288,7 @@ def supports(fmt: QFormat, *inputs: torch.Tensor) -> bool:
 
 
 def flat_values(v: torch.Tensor) -> np.ndarray:
-    """The values of a dense tensor (``supports``) in memory order, as a NumPy view (0.6 us a call; a strided
-    view of the tensor first took 2.6 us, which is a tenth of rounding a small register)."""
+    """The values of a dense tensor (``supports``) in memory order, as a flat NumPy view (no copy)."""
     return (v.detach() if v.requires_grad else v).numpy().ravel(order="K")
 
 
@@ -321,8 +312,7 @@ def _run(loop: int, fmt: QFormat, clamp: tuple[int, int], a: torch.Tensor, out: 
     flat_b = flat_a if b is None else flat_values(b)
     constants = loop_constants(flat_a.dtype.type, (scale_a, scale_b), (fmt, clamp))
     if flat_a.size <= PIECE:
-        # Nothing to share: waking numba's threads would cost more than the loop (a 16 x 32 x 32 register:
-        # 29 us in pieces, 17 us here, on a 2-core Xeon).
+        # Nothing to share: waking numba's threads would cost more than the loop.
         return int(_one_loop(loop, flat_a, flat_b, flat_out, constants, prefetch_ahead(flat_a.size)))
     return int(_in_pieces(loop, flat_a, flat_b, flat_out, constants, prefetch_ahead(flat_a.size), follow_torch_threads()))
 
@@ -338,8 +328,7 @@ _THREADS_SET: dict[int, int] = {}  # Python thread -> the number of numba thread
 def follow_torch_threads() -> int:
     """Run numba's parallel loops on torch's number of threads (numba's default threading layer here, omp,
     shares torch's OpenMP runtime); that number. Set only when torch's changed: asking numba for its own
-    number right after a torch operation took 12 us, where rounding a 32 x 16 x 32 x 32 register just
-    written takes 55 to 75 us (2-core Xeon, AMX; ad hoc)."""
+    number right after a torch operation costs a fair part of rounding a small register."""
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     caller = threading.get_ident()
     if _THREADS_SET.get(caller) != threads:

@@ -17,13 +17,13 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 from fxpsweep.data.splits import DataSplits
 from fxpsweep.core.progress import progress
@@ -39,7 +39,10 @@ def split_steps(transform: Callable | None) -> tuple[Callable | None, Callable |
     A transform that is not a Compose with a ``ToTensor`` is all image steps
     (its output cannot be cached as uint8): ``(transform, None)``.
     """
-    if isinstance(transform, transforms.Compose):
+    # torchvision is imported by the models whose transforms it makes, not here: a job of a model without
+    # one (the embedded default) then starts without its import, which is seconds.
+    transforms = sys.modules.get("torchvision.transforms")
+    if transforms is not None and isinstance(transform, transforms.Compose):
         steps = transform.transforms
         for i, step in enumerate(steps):
             if isinstance(step, transforms.ToTensor):
@@ -132,7 +135,11 @@ def cached_or_transformed(
     folder = Path(cache_dir).expanduser() / "images" / hashlib.sha256(text.encode()).hexdigest()[:24]
     if (folder / "meta.json").exists() or _fill_cache(images, image_steps, folder, desc):
         return CachedImages(folder, tensor_steps)
-    return Transformed(images, transforms.Compose([image_steps, tensor_steps]) if image_steps else tensor_steps)
+    if image_steps is None:
+        return Transformed(images, tensor_steps)
+    from torchvision.transforms import Compose  # there are tensor steps: split_steps cut a Compose
+
+    return Transformed(images, Compose([image_steps, tensor_steps]))
 
 
 def subset_key(dataset: Dataset) -> list[int] | None:

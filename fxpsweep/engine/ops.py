@@ -32,14 +32,14 @@ from fxpsweep.engine.statistics import RELU_SUFFIX, StatsObserver
 from fxpsweep.core.errors import ConfigError
 
 
-# Bytes of a conv/linear kernel's temporaries per output element, at most. 6 keeps exact 16-bit peak memory
-# below 2x float32's (alexnet 1.76x, resnet18 1.47x on a 2-core Xeon; 8 gave 2.09x and 1.80x) at no
-# measured cost in speed: a sliced layer is large, and its calls stay large.
+# Bytes of a conv/linear kernel's temporaries per output element, at most: the largest budget that keeps
+# exact 16-bit peak memory below 2x float32's on the bench models (bench/throughput.py's memory column), at no
+# cost in speed: a sliced layer is large, and its calls stay large.
 SCRATCH_BUDGET = 6.0
 # ... or this many bytes, where that is more: a small output runs in few slices (slices of a few images
 # cost more calls than they save), and its temporaries stay below what float32 holds for a small network.
-# 12 MiB: resnet20_cifar10 at 16 bits, batch 32, at most 1.80x float32's peak on any kernel forced on every
-# layer (float64, 88 bytes per output element on its 16-channel layers: 4.80x unsliced, 2.11x with 16 MiB).
+# 12 MiB keeps resnet20_cifar10 at 16 bits below 2x float32's peak on any kernel forced on every layer (float64,
+# 88 bytes per output element on its 16-channel layers, is the largest).
 SCRATCH_FLOOR = 12 * 2**20
 
 
@@ -553,8 +553,8 @@ class FixedAvgPool(FixedOp):
 
     def fixed_forward(self, codes: torch.Tensor) -> torch.Tensor:
         # The window sums are integers: exact in float32 while a whole window's stays below 2**24 (a 7 x 7
-        # pool of 16-bit codes), which saves converting the register to float64 (MobileNetV2's last
-        # register, 32 x 1280 x 7 x 7: 0.9 ms); the few sums then go on in float64, as before.
+        # pool of 16-bit codes), which saves converting the whole register to float64; the few sums then go
+        # on in float64.
         largest = self._window_values(codes) * 2.0 ** (self.in_fmts[0].total_bits - 1)
         sum_dtype = torch.float32 if codes.dtype == torch.float32 and largest < kernels.FLOAT32_EXACT else torch.float64
         sums, divisors = self._sums_and_divisors(codes.to(sum_dtype))

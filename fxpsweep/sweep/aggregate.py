@@ -22,17 +22,16 @@ from pathlib import Path
 import pandas as pd
 
 from fxpsweep.sweep import jobdir
+from fxpsweep.sweep.config import identity_keys
 from fxpsweep.core.storage import atomic_write_bytes, atomic_write_text
 
 TABLE_STEM = "bits_vs_accuracy"
 COST_STEM = "bits_vs_cost"
 COST_COLUMNS = {"weight_kib": "weight KiB", "activation_kib": "largest activation KiB", "bitops": "GBitOps per image"}
-# Datapath and calibration settings: where a sweep varies one, the table gets a row per value.
-SETTINGS = [
-    "bias_bits", "rounding", "overflow", "arithmetic", "acc_bits", "acc_overflow", "product_bits", "batchnorm",
-    "act_calibration", "weight_calibration", "weight_granularity", "overflow_rate", "bias_correction", "weight_rounding",
-    "eval_subset", "eval_split", "n_samples", "seed", "precision",
-]
+# Datapath, calibration and image settings (every key of the job schema that names a job, but the word lengths
+# that make the table's columns, eval_limit and kernel: every exact kernel gives the same result): where a
+# sweep varies one, the table gets a row per value.
+SETTINGS = [c for c in identity_keys() if c not in ("bits", "param_bits", "fwd_bits", "eval_limit", "kernel")] + ["precision"]
 # What makes two results the same configuration (the later one replaces the earlier).
 CONFIG_KEYS = ["model", "dataset", "param_bits", "fwd_bits", "eval_limit", *SETTINGS]
 RECORD_FILES = {"done": jobdir.RESULT_FILE, "failed": jobdir.ERROR_FILE, "incomplete": jobdir.JOB_FILE}

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -22,7 +20,6 @@ from torch.utils.data import DataLoader, Subset
 import fxpsweep
 from fxpsweep.data.preprocess import prepare, subset_key
 from fxpsweep.data.splits import DataSplits
-from fxpsweep.core.fixedpoint import check_bits
 from fxpsweep.backends.host_memory import freed_memory_kept
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.report import layer_sqnr, layer_table
@@ -31,8 +28,8 @@ from fxpsweep.engine.statistics import cached_stats, weights_fingerprint
 from fxpsweep.core.errors import ConfigError
 from fxpsweep.models import PretrainedModel
 from fxpsweep.engine.costs import layer_costs, totals
-from fxpsweep.core.rules import Rule, parse_rule
 from fxpsweep.engine.evaluate import Predictions, paired_top1, predict
+from fxpsweep.sweep.config import job_identity, keeps_freed_memory, precision_rules, quant_settings
 from fxpsweep.sweep.jobdir import RESULT_FILE
 from fxpsweep.core.storage import atomic_write_json, atomic_write_text, cached
 
@@ -41,93 +38,6 @@ log = logging.getLogger(__name__)
 FORMATS_FILE = "formats.json"
 LAYERS_FILE = "layers.md"
 ACC_LINES_FILE = "acc1_acc5.txt"
-
-
-def quant_settings(cfg: DictConfig) -> QuantSettings:
-    """The fixed-point configuration of ``cfg``; bad values raise ConfigError naming the key."""
-    check_bits(cfg.bits, "bits")
-    return QuantSettings(
-        param_bits=cfg.param_bits,
-        fwd_bits=cfg.fwd_bits,
-        bias_bits=cfg.bias_bits,
-        rounding=cfg.rounding,
-        overflow=cfg.overflow,
-        acc_bits=cfg.acc_bits,
-        acc_overflow=cfg.acc_overflow,
-        product_bits=cfg.product_bits,
-        batchnorm=cfg.batchnorm,
-        arithmetic=cfg.arithmetic,
-        kernel=cfg.kernel,
-        act_calibration=cfg.calibration.activations,
-        weight_calibration=cfg.calibration.weights,
-        weight_granularity=cfg.calibration.granularity,
-        overflow_rate=cfg.calibration.overflow_rate,
-        bias_correction=cfg.calibration.bias_correction,
-        weight_rounding=cfg.calibration.weight_rounding,
-        seed=cfg.seed,
-    )
-
-
-def job_identity(cfg: DictConfig) -> dict[str, Any]:
-    """What a job is, from its config alone: the fields that name its row and column in the table."""
-    return {
-        "model": cfg.model.name,
-        "dataset": cfg.dataset.name,
-        "bits": cfg.bits,
-        "param_bits": cfg.param_bits,
-        "fwd_bits": cfg.fwd_bits,
-        "bias_bits": cfg.bias_bits,
-        "rounding": cfg.rounding,
-        "overflow": cfg.overflow,
-        "arithmetic": cfg.arithmetic,
-        "kernel": cfg.kernel,
-        "acc_bits": cfg.acc_bits,
-        "acc_overflow": cfg.acc_overflow,
-        "product_bits": cfg.product_bits,
-        "batchnorm": cfg.batchnorm,
-        "act_calibration": cfg.calibration.activations,
-        "weight_calibration": cfg.calibration.weights,
-        "weight_granularity": cfg.calibration.granularity,
-        "overflow_rate": cfg.calibration.overflow_rate,
-        "bias_correction": cfg.calibration.bias_correction,
-        "weight_rounding": cfg.calibration.weight_rounding,
-        "precision": precision_label(cfg),
-        "precision_rules": rule_texts(cfg),
-        "n_samples": cfg.n_samples,
-        "eval_limit": cfg.eval_limit,
-        "eval_subset": cfg.eval_subset,
-        "eval_split": cfg.eval_split,
-        "seed": cfg.seed,
-        "config": plain_config(cfg),
-    }
-
-
-def precision_rules(cfg: DictConfig) -> list[Rule]:
-    """The job's precision rules: ``precision.rules``, then ``probe``."""
-    rules = [parse_rule(text, f"precision.rules[{i}]") for i, text in enumerate(cfg.precision.rules)]
-    return rules + ([parse_rule(cfg.probe, "probe")] if cfg.probe is not None else [])
-
-
-def rule_texts(cfg: DictConfig) -> list[str]:
-    """The job's precision rules as given (``precision.rules``, then ``probe``), not yet checked."""
-    return [str(r) for r in cfg.precision.rules] + ([str(cfg.probe)] if cfg.probe is not None else [])
-
-
-def precision_label(cfg: DictConfig) -> str:
-    """``uniform``, or a name and a short hash of the rules (and probe): tells mixed runs apart.
-
-    The name is the precision option's (a precision file), or ``mixed`` for rules given on the command line.
-    """
-    rules = rule_texts(cfg)
-    if not rules:
-        return "uniform"
-    name = "mixed" if cfg.precision.name == "uniform" else cfg.precision.name
-    return f"{name}:{hashlib.sha256(json.dumps(rules).encode()).hexdigest()[:8]}"
-
-
-def plain_config(cfg: DictConfig) -> dict[str, Any]:
-    """The job's resolved config as plain data (what ``result.json`` stores and reruns compare)."""
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -141,14 +51,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     raise ConfigError(f"device={name!r} is unknown; allowed: cpu, cuda")
-
-
-def keeps_freed_memory(cfg: DictConfig) -> bool:
-    """``device.keep_freed_memory`` (false where the device group has no such key: ``cuda``)."""
-    keep = OmegaConf.select(cfg, "device.keep_freed_memory", default=False)
-    if not isinstance(keep, bool):
-        raise ConfigError(f"device.keep_freed_memory={keep!r} must be true or false")
-    return keep
 
 
 def job_memory(cfg: DictConfig) -> contextlib.AbstractContextManager[bool]:
@@ -302,8 +204,8 @@ def _evaluate(
     return Predictions(**plain), source, quant[0]
 
 
-# Images per batch of the SQNR report: it holds every register of a batch in float64 at once
-# (MobileNetV2 at 64 images: gigabytes, whose page faults made a 256-image report take 75 s; 29 s at 8).
+# Images per batch of the SQNR report: it holds every register of a batch in float64 at once (MobileNetV2 at
+# 64 images: gigabytes, whose page faults cost more than the report's arithmetic).
 REPORT_BATCH = 8
 
 

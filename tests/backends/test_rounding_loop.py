@@ -36,11 +36,16 @@ def prefetch(request, monkeypatch) -> str:
     return request.param
 
 
+def half_even(values: np.ndarray) -> np.ndarray:
+    """The integer reference's round half to even of exact float64 values (small integers here), as int64."""
+    return ref.quantize_array(values, 62, 0, "nearest_even", "saturate")  # 62 bits: nothing here overflows
+
+
 def reference(values: torch.Tensor, clamp: tuple[int, int]) -> tuple[np.ndarray, int]:
-    """Codes (clamped) and the overflow count, one value at a time in exact rational arithmetic."""
-    rounded = [ref.round_fraction(ref.Fraction(x), "nearest_even") for x in values.reshape(-1).tolist()]
-    overflowed = sum(not FORMAT.min_code <= k <= FORMAT.max_code for k in rounded)
-    codes = np.clip([ref.overflow_int(k, FORMAT.total_bits, "saturate") for k in rounded], *clamp)
+    """Codes (clamped) and the overflow count."""
+    rounded = half_even(values.reshape(-1).double().numpy())
+    overflowed = int(((rounded < FORMAT.min_code) | (rounded > FORMAT.max_code)).sum())
+    codes = np.clip(ref.overflow_array(rounded, FORMAT.total_bits, "saturate"), *clamp)
     return codes, overflowed
 
 
@@ -78,11 +83,11 @@ def test_the_add_loop_gives_the_reference_codes_and_count(dtypes: tuple[torch.dt
     assert rounding_loop.supports(FORMAT, a, b)
     out = torch.empty_like(a, dtype=torch.float32)
     overflowed = rounding_loop.add_round_into(a, scale_a, b, scale_b, out, FORMAT, (0, 200))
-    exact = [ref.Fraction(int(x)) * ref.Fraction(scale_a) + ref.Fraction(int(y)) * ref.Fraction(scale_b)
-             for x, y in zip(a.permute(0, 2, 3, 1).reshape(-1).tolist(), b.permute(0, 2, 3, 1).reshape(-1).tolist())]
-    rounded = [ref.round_fraction(e, "nearest_even") for e in exact]
+    # Integers times powers of two, summed: exact in float64.
+    exact = a.permute(0, 2, 3, 1).reshape(-1).double().numpy() * scale_a + b.permute(0, 2, 3, 1).reshape(-1).double().numpy() * scale_b
+    rounded = half_even(exact)
     np.testing.assert_array_equal(out.permute(0, 2, 3, 1).reshape(-1).numpy().astype(np.int64), np.clip(rounded, 0, 200))
-    assert overflowed == sum(not FORMAT.min_code <= k <= FORMAT.max_code for k in rounded) > 0
+    assert overflowed == int(((rounded < FORMAT.min_code) | (rounded > FORMAT.max_code)).sum()) > 0
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -99,16 +104,15 @@ def test_a_register_and_its_residual_add_in_one_loop_give_the_reference_codes_an
     scale_k, scale_other = (0.25, 2.0**-5) if dot_first else (2.0**-5, 0.25)
     add_fmt, register_clamp, add_clamp = QFormat(7, -2), (FORMAT.min_code, 200), (0, 63)
     order = (0, 2, 3, 1) if layout == "channels_last" else (0, 1, 2, 3)
-    values, others = v.permute(order).reshape(-1).tolist(), other.permute(order).reshape(-1).tolist()
-    rounded = [ref.round_fraction(ref.Fraction(x), "nearest_even") for x in values]
-    register = [min(max(ref.overflow_int(k, FORMAT.total_bits, "saturate"), register_clamp[0]), register_clamp[1]) for k in rounded]
-    sums = [ref.round_fraction(ref.Fraction(k) * ref.Fraction(scale_k) + ref.Fraction(int(y)) * ref.Fraction(scale_other),
-                               "nearest_even") for k, y in zip(register, others)]
+    values, others = v.permute(order).reshape(-1).double().numpy(), other.permute(order).reshape(-1).double().numpy()
+    rounded = half_even(values)
+    register = np.clip(ref.overflow_array(rounded, FORMAT.total_bits, "saturate"), *register_clamp)
+    sums = half_even(register * scale_k + others * scale_other)  # integers times powers of two: exact in float64
     assert rounding_loop.supports(FORMAT, v) and rounding_loop.supports(add_fmt, v, other)
     counts = rounding_loop.round_then_add(v, FORMAT, register_clamp, scale_k, other, scale_other, add_fmt, add_clamp)
     np.testing.assert_array_equal(v.permute(order).reshape(-1).numpy().astype(np.int64), np.clip(sums, *add_clamp))
-    expected = (sum(not FORMAT.min_code <= k <= FORMAT.max_code for k in rounded),
-                sum(not add_fmt.min_code <= k <= add_fmt.max_code for k in sums))
+    expected = (int(((rounded < FORMAT.min_code) | (rounded > FORMAT.max_code)).sum()),
+                int(((sums < add_fmt.min_code) | (sums > add_fmt.max_code)).sum()))
     assert counts == expected and min(expected) > 0
 
 

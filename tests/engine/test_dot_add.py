@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_network
+from made_on_the_fly import random_network
 from fxpsweep.backends import rounding_loop
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.ops import FixedAdd, FixedDot, FixedDotAdd

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import integer_reference as ref
-from conftest import random_network
+from made_on_the_fly import random_network
 from fxpsweep.engine.ops import FixedAdd, FixedAvgPool, FixedCat, FixedClamp, FixedDot, FixedInput
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.settings import QuantSettings

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA, random_network
+from conftest import REPO, SHARED_DATA
+from made_on_the_fly import random_network
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.settings import QuantSettings
 from fxpsweep.core.errors import ConfigError

@@ -17,7 +17,7 @@ from hydra.errors import HydraException
 
 from conftest import REPO
 from fxpsweep.core.errors import ConfigError
-from fxpsweep.sweep.config import check_config
+from fxpsweep.sweep.config import check_config, schema_keys
 
 # Each top-level key of conf/config.yaml that takes a number, a name, a flag or a path: bad values
 # and a piece of the message that names the key and what is allowed.
@@ -68,8 +68,9 @@ BAD_VALUES: dict[str, list[tuple[str, str]]] = {
 def test_every_top_level_key_has_bad_values_under_test() -> None:
     config = yaml.safe_load((REPO / "conf" / "config.yaml").read_text())
     groups = {next(iter(d)) for d in config["defaults"] if isinstance(d, dict)}
-    keys = (set(config) - {"defaults", "hydra"}) | groups
+    keys = {name.split(".")[0] for name, _ in schema_keys()} | groups
     assert keys == set(BAD_VALUES)
+    assert {name for name, _ in schema_keys()} <= {arg.split("=")[0] for values in BAD_VALUES.values() for arg, _ in values}
 
 
 # Values that only the job itself refuses (the rule is checked against the built model's layers).

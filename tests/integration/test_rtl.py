@@ -71,19 +71,33 @@ def simulate(gold, manifest: dict, expected_mem, build_dir) -> tuple[int, int]:
     return get_results(results)
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, cache_dir):
+    """``exported(rounding)``: the folder and manifest of the classifier's export, made once per rounding."""
+    folders: dict[str, tuple] = {}
+
+    def export(rounding: str):
+        if rounding not in folders:
+            gold = tmp_path_factory.mktemp(rounding) / "gold"
+            folders[rounding] = gold, export_classifier(gold, cache_dir, rounding)
+        return folders[rounding]
+
+    return export
+
+
+def output_file(gold, manifest: dict):
+    return gold / (manifest["tensors"][manifest["operations"][0]["output"]]["file"] + ".mem")
+
+
 @pytest.mark.parametrize("rounding", ["nearest_even", "floor"])
-def test_the_simulator_computes_the_exported_codes(rounding: str, tmp_path, cache_dir) -> None:
-    gold = tmp_path / "gold"
-    manifest = export_classifier(gold, cache_dir, rounding)
-    expected = gold / (manifest["tensors"][manifest["operations"][0]["output"]]["file"] + ".mem")
-    assert simulate(gold, manifest, expected, tmp_path / "build") == (1, 0)
+def test_the_simulator_computes_the_exported_codes(rounding: str, tmp_path, exported) -> None:
+    gold, manifest = exported(rounding)
+    assert simulate(gold, manifest, output_file(gold, manifest), tmp_path / "build") == (1, 0)
 
 
-def test_a_changed_expected_code_fails_the_simulation(tmp_path, cache_dir) -> None:
-    gold = tmp_path / "gold"
-    manifest = export_classifier(gold, cache_dir, "nearest_even")
-    expected = gold / (manifest["tensors"][manifest["operations"][0]["output"]]["file"] + ".mem")
-    lines = expected.read_text().splitlines()
+def test_a_changed_expected_code_fails_the_simulation(tmp_path, exported) -> None:
+    gold, manifest = exported("nearest_even")
+    lines = output_file(gold, manifest).read_text().splitlines()
     word = len([line for line in lines if line.startswith("//")]) + 13  # output 13
     bits = manifest["tensors"][manifest["operations"][0]["output"]]["format"]["total_bits"]
     lines[word] = f"{(int(lines[word], 16) + 1) % (1 << bits):0{len(lines[word])}x}"

@@ -1,4 +1,5 @@
-"""Every config group option composes, and bits drive param_bits and fwd_bits."""
+"""Every config group option composes, bits drive param_bits and fwd_bits, and the job schema is what Hydra
+composes, what the settings and identity are made of, and what the docs list."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import REPO
+from fxpsweep.engine.settings import QuantSettings
+from fxpsweep.sweep.config import job_identity, markdown_rows, quant_settings, schema_keys
 
 CONF = REPO / "conf"
 KINDS = ("digits", "imagenet", "cifar10", "cifar100")
@@ -59,3 +62,19 @@ def test_bits_is_a_plain_number_that_sets_both_word_lengths() -> None:
     assert cfg.bits == 12 and cfg.param_bits == 12 and cfg.fwd_bits == 12
     cfg = _compose(["bits=12", "fwd_bits=16"])
     assert cfg.param_bits == 12 and cfg.fwd_bits == 16
+
+
+def test_the_composed_defaults_are_the_schemas_and_pass_its_checks() -> None:
+    cfg = _compose([])
+    for name, f in schema_keys():
+        value = OmegaConf.select(cfg, name)
+        assert value == f.default or str(f.default).startswith("${"), name
+    assert quant_settings(cfg) == QuantSettings(param_bits=8, fwd_bits=8)  # QuantSettings' own defaults agree
+    identity = job_identity(_compose(["calibration.weights=max", "bits=6"]))
+    assert identity["weight_calibration"] == "max" and identity["param_bits"] == 6 and identity["model"] == "digits_cnn"
+
+
+def test_the_docs_list_every_schema_key_as_declared() -> None:
+    docs = (REPO / "docs" / "configuration.md").read_text()
+    table = docs.split("<!-- job-keys -->\n", 1)[1].split("<!-- /job-keys -->", 1)[0].splitlines()[2:]
+    assert table == markdown_rows(), "rewrite it: python -m fxpsweep.sweep.config docs/configuration.md"
