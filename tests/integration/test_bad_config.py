@@ -19,7 +19,7 @@ from conftest import REPO
 from fxpsweep.core.errors import ConfigError
 from fxpsweep.sweep.config import check_config, schema_keys
 
-# Each top-level key of conf/config.yaml that takes a number, a name, a flag or a path: bad values
+# Each top-level key of a job (the schema's, fxpsweep/sweep/config.py, and the config groups): bad values
 # and a piece of the message that names the key and what is allowed.
 BAD_VALUES: dict[str, list[tuple[str, str]]] = {
     "bits": [("bits=1", "bits=1 is impossible"), ("bits=eight", "bits='eight' is not a whole number")],

@@ -64,7 +64,7 @@ def test_bits_is_a_plain_number_that_sets_both_word_lengths() -> None:
     assert cfg.param_bits == 12 and cfg.fwd_bits == 16
 
 
-def test_the_composed_defaults_are_the_schemas_and_pass_its_checks() -> None:
+def test_the_composed_defaults_are_the_schemas_and_make_the_settings_and_identity() -> None:
     cfg = _compose([])
     for name, f in schema_keys():
         value = OmegaConf.select(cfg, name)
