@@ -29,7 +29,7 @@ import torch
 from throughput import INPUT_SIZE, ChannelsLast, fxpsweep_network, random_model, setup_note
 from torch.fx.experimental.optimization import fuse
 
-from fxpsweep.backends import depthwise_loop, pieces_loop, rounding_loop
+from fxpsweep.backends import depthwise_loop, rounding_loop
 from fxpsweep.backends.host_memory import freed_memory_kept
 
 COMPILED = "compiled rounding passes (torch.compile, all graphs)"
@@ -41,7 +41,6 @@ NUMBA_LOOPS = [
     (rounding_loop, "round_then_add", "numba: a register and the residual add reading it, one pass"),
     (rounding_loop, "combine_round_into", "numba: a kernel's terms summed and rounded"),
     (depthwise_loop, "depthwise_into", "numba: depthwise convolution and its rounding"),
-    (pieces_loop, "byte_pieces", "numba: a layer's input cut into 8-bit pieces"),
 ]
 
 Profile = dict[str, tuple[float, int]]  # operator -> (self CPU seconds, calls)

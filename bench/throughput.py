@@ -62,7 +62,6 @@ from fxpsweep.backends.kernel_choice import isa_caps, processor_name
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.ops import FixedDot
 from fxpsweep.engine.settings import QuantSettings
-from fxpsweep.backends.vector_width import prefer_wide_vectors
 from fxpsweep.models.cifar_resnet import cifar_resnet
 
 INPUT_SIZE = {"resnet20_cifar10": 32}
@@ -183,8 +182,9 @@ def qpytorch_fixed_point(model: nn.Module) -> nn.Module:
     return net.eval()
 
 
-def fxpsweep_network(model: nn.Module, batch: torch.Tensor, bits: int, arithmetic: str) -> QuantizedNetwork:
-    net = QuantizedNetwork(model, QuantSettings(param_bits=bits, fwd_bits=bits, arithmetic=arithmetic)).to(batch.device)
+def fxpsweep_network(model: nn.Module, batch: torch.Tensor, bits: int, arithmetic: str, **settings) -> QuantizedNetwork:
+    """``model`` at ``bits`` everywhere, calibrated on four images of ``batch``; ``settings``: other ``QuantSettings``."""
+    net = QuantizedNetwork(model, QuantSettings(param_bits=bits, fwd_bits=bits, arithmetic=arithmetic, **settings)).to(batch.device)
     net.calibrate([batch[:4]])
     return net
 
@@ -283,15 +283,12 @@ def main() -> None:
 
 
 def setup_note(kept: bool) -> str:
-    """The header's words for how freed host memory was handled, for the vectors of numba's loops and for caps."""
+    """The header's words for how freed host memory was handled and for an instruction-set cap."""
     cap = active_cap()
+    note = f"freed host memory {'kept for reuse' if kept else 'given back (malloc defaults)'}"
     if cap is not None:
-        vectors = f"instruction sets capped at {ISA_CAPS[cap].words} (torch, oneDNN, MKL, numba: `--isa-cap {cap}`)"
-    elif prefer_wide_vectors():
-        vectors = "numba's loops on 512-bit vectors"
-    else:
-        vectors = "numba's default vector width"
-    return f"freed host memory {'kept for reuse' if kept else 'given back (malloc defaults)'}, {vectors}"
+        note += f", instruction sets capped at {ISA_CAPS[cap].words} (torch, oneDNN, MKL, numba: `--isa-cap {cap}`)"
+    return note
 
 
 def report(args: argparse.Namespace, kept: bool) -> None:

@@ -1,5 +1,6 @@
-"""``pytest -p peak_memory``: which tests raised the process's peak resident memory, and its resident memory
-after each test file (Linux: ``VmHWM`` and ``VmRSS`` of ``/proc/self/status``), printed at the end."""
+"""Which tests raised the process's peak resident memory, and its resident memory
+after each test file (Linux: ``VmHWM`` and ``VmRSS`` of ``/proc/self/status``), printed at the end of a run
+(``-p peak_memory`` in ``pyproject.toml``'s ``addopts``)."""
 
 from __future__ import annotations
 

@@ -12,8 +12,7 @@ On the CPU, the default rule (round half to even, saturate) of a register,
 of the network input, of a residual add and of a kernel's terms runs instead
 as ``rounding_loop``'s hand-written loops, which count overflows in the loop
 that stores the codes; torch.compile's CPU code reads the register twice
-for that. There, too, a layer's input is cut into 8-bit pieces by
-``pieces_loop``'s loop.
+for that.
 
 Tensors below ``COMPILE_MIN_ELEMENTS`` (a small network's registers) and
 stochastic rounding (drawn from a generator) stay eager, and so does
@@ -28,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from fxpsweep.backends import pieces_loop, rounding_loop
+from fxpsweep.backends import rounding_loop
 from fxpsweep.core.fixedpoint import QFormat, apply_overflow, round_to_integer
 
 log = logging.getLogger(__name__)
@@ -245,8 +244,6 @@ def byte_pieces(codes: torch.Tensor, total_bits: int, unsigned: bool) -> tuple[l
     """Codes of ``total_bits`` as 8-bit pieces (see ``_byte_pieces``) and the constant ``C`` they leave out."""
     n = max(1, -(-total_bits // 8))
     offset = 128 * sum(256**i for i in range(n - 1))
-    if pieces_loop.supports(codes, n):  # the CPU: one numba loop
-        return pieces_loop.byte_pieces(codes, n, unsigned), offset
     return _PIECES(codes, n, unsigned), offset
 
 

@@ -3,24 +3,19 @@
 A register that a convolution has just written comes back from memory, not
 the caches, when its rounding pass reads it. The pass does about ten vector
 instructions per 16 values where a clamp does two, and while it computes, the
-processor asks for too few cache lines ahead to keep memory busy: on a 2-core
-Xeon (AMX), one rounding pass over 38.5 M values just written took 9.0 ms
-where torch's clamp took 5.3 ms, and 5.3 ms with the next 2 KiB block's lines
-asked for before each block (ad hoc). A prefetch is a hint: it changes no
-value.
+processor asks for too few cache lines ahead to keep memory busy; asking for
+the next block's lines before each block keeps it busy (``rounding_loop``
+does so on registers larger than a core's L2 cache). A prefetch is a hint: it
+changes no value.
 """
 
 from __future__ import annotations
 
-from fxpsweep.backends.vector_width import prefer_wide_vectors
-
-prefer_wide_vectors()  # before numba's code generator starts: defining an intrinsic below starts it
-
-import numba  # noqa: E402
-from llvmlite import ir  # noqa: E402
-from numba import types  # noqa: E402
-from numba.core import cgutils  # noqa: E402
-from numba.extending import intrinsic  # noqa: E402
+import numba
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 LINE_VALUES = 16  # float32 values per 64-byte cache line (float64 arrays are asked for every other line: enough)
 

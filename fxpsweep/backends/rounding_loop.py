@@ -44,10 +44,8 @@ import torch
 
 from fxpsweep.core.fixedpoint import QFormat
 from fxpsweep.backends.prefetch import prefetch_range
-from fxpsweep.backends.vector_width import prefer_wide_vectors
 
 _DTYPES = (torch.float32, torch.float64)  # the codes' dtypes (see ops.code_dtype)
-prefer_wide_vectors()  # before the first loop is compiled
 
 PIECE = 1 << 16  # values per call of a loop: its float32 count stays below 2**24 (exact)
 # A register of more than PREFETCH_FROM values (4 MiB of float32, more than a core's L2 cache) comes from

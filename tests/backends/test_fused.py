@@ -103,7 +103,7 @@ PIECES_CHECK = textwrap.dedent("""
     from fxpsweep.backends.fused import _PIECES, COMPILE_MIN_ELEMENTS
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(-2**15, 2**15, (4, COMPILE_MIN_ELEMENTS), generator=g, dtype=torch.int64)
-    low, high = _PIECES(codes.float(), 2, False)  # the compiled pass (on the CPU, byte_pieces runs pieces_loop)
+    low, high = _PIECES(codes.float(), 2, False)  # the compiled pass
     # The integers' own remainder and floor division, not the pieces' float arithmetic:
     assert torch.equal(low.long() + 128, codes % 256), "low bytes"
     assert torch.equal(high.long(), codes.div(256, rounding_mode="floor")), "high pieces"
