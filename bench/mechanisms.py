@@ -120,18 +120,13 @@ class Switched(nn.Module):
 
 def _variant(model: nn.Module, batch: torch.Tensor, bits: int, arithmetic: str, mechanism: str | None, rounding: str) -> nn.Module:
     """The network of one variant, built, calibrated and with its kernels chosen under its switch."""
-    if mechanism == "dot+add fusion":
+    switch = MECHANISMS[mechanism][1] if mechanism is not None else None
+    with switch() if switch is not None else contextlib.nullcontext():
         net = fxpsweep_network(model, batch, bits, arithmetic, rounding=rounding)
-        object.__setattr__(net, "fused_module", net.graph_module)  # what forward runs: the unfused graph
-        net(batch)
-        return net
-    if mechanism is None:
-        net = fxpsweep_network(model, batch, bits, arithmetic, rounding=rounding)
-        net(batch)
-        return net
-    switch = MECHANISMS[mechanism][1]
-    with switch():
-        net = Switched(fxpsweep_network(model, batch, bits, arithmetic, rounding=rounding), switch)
+        if mechanism == "dot+add fusion":
+            object.__setattr__(net, "fused_module", net.graph_module)  # what forward runs: the unfused graph
+        elif switch is not None:
+            net = Switched(net, switch)
         net(batch)
     return net
 
