@@ -1,5 +1,5 @@
 """Shared fixtures: the repo root, a per-session cache with the trained digits model, and running the app;
-the test tiers (markers) and memory given back between test files."""
+the test tiers (markers) and freed memory given back after large tests."""
 
 from __future__ import annotations
 
@@ -118,11 +118,20 @@ _LIBC_NAME = ctypes.util.find_library("c")
 _LIBC = ctypes.CDLL(_LIBC_NAME) if _LIBC_NAME else None
 
 
-@pytest.fixture(autouse=True, scope="module")
+GIVE_BACK_ABOVE_MB = 1536  # resident memory above which a test's freed memory goes back to the system
+
+
+def _resident_mb() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS:"))
+
+
+@pytest.fixture(autouse=True)
 def give_memory_back() -> None:
-    """After each test file, hand the memory its networks freed back to the system: glibc keeps freed blocks
-    below its mmap threshold in the heap, and one process runs the whole suite."""
+    """After a test that leaves the process large, hand the memory its networks freed back to the system: glibc
+    keeps freed blocks below its mmap threshold in the heap, one process runs the whole suite, and the next
+    test's own peak would come on top (a collection and a trim cost too much to run after every small test)."""
     yield
-    gc.collect()
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim") and _resident_mb() > GIVE_BACK_ABOVE_MB:
+        gc.collect()
         _LIBC.malloc_trim(0)

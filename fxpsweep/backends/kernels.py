@@ -447,6 +447,12 @@ def signed_digits(w: torch.Tensor, bits: int = 8) -> list[torch.Tensor]:
             return digits
 
 
+def fits_one_digit(w: torch.Tensor, bits: int = 8) -> bool:
+    """Whether the integer codes ``w`` are one digit of ``signed_digits(w, bits)``: all in ``[-2**(bits-1), 2**(bits-1) - 1]``."""
+    low, high = torch.aminmax(w)
+    return -(2 ** (bits - 1)) <= float(low) and float(high) <= 2 ** (bits - 1) - 1
+
+
 def split_weights(weight: torch.Tensor, bits: int = 8) -> tuple[int, list[torch.Tensor]]:
     """``(shift, digits)`` with ``weight = shift + sum_j (2**bits)**j * digits[j]``, ``shift`` 0 or ``2**(bits-1)``.
 
@@ -455,6 +461,8 @@ def split_weights(weight: torch.Tensor, bits: int = 8) -> tuple[int, list[torch.
     digit (one conv or GEMM per activation piece), the kernel adds
     ``shift * sum_k a_k`` itself (``DotLayer.window_sums``).
     """
+    if fits_one_digit(weight, bits):  # the common case, without the digits' int64 temporaries
+        return 0, [weight.to(torch.int8)]
     plain = signed_digits(weight, bits)
     shift = 2 ** (bits - 1)
     shifted = signed_digits(weight - shift, bits)
@@ -753,7 +761,7 @@ def fast_candidates(layer: DotLayer, device: torch.device) -> list[Kernel]:
     """``arithmetic=fast``: one call without the bound (inexact where partial sums pass ``2**24``)."""
     found: list[Kernel] = [Float32Kernel(layer, device, exact=False)]
     # Only weights of one digit: without VNNI, wider ones would saturate oneDNN's int16 pair sums (not a rounding error).
-    if device.type == "cpu" and _onednn_available() and layer.act_bits <= 8 and len(signed_digits(layer.weight, _onednn_digits(layer))) == 1:
+    if device.type == "cpu" and _onednn_available() and layer.act_bits <= 8 and fits_one_digit(layer.weight, _onednn_digits(layer)):
         found.insert(0, OneDNNInt8Kernel(layer, device, exact=False))
     return found
 

@@ -31,6 +31,8 @@ from fxpsweep.engine.settings import QuantSettings
 from fxpsweep.engine.statistics import RELU_SUFFIX, StatsObserver
 from fxpsweep.core.errors import ConfigError
 
+WEIGHT_BLOCK_VALUES = 2**20  # weights rounded per call in ``FixedDot.weight_codes``
+
 
 # Bytes of a conv/linear kernel's temporaries per output element, at most: the largest budget that keeps
 # exact 16-bit peak memory below 2x float32's on the bench models (bench/throughput.py's memory column), at no
@@ -230,9 +232,18 @@ class FixedDot(FixedOp):
         if self.chosen_weight_codes is not None:
             return self.chosen_weight_codes
         weight = self.module.weight.detach().cpu()
-        return torch.stack(
-            [quantize_codes(weight[c], f.total_bits, f.frac_bits, f.rounding, f.overflow) for c, f in enumerate(self.weight_fmts)]
-        ).to(torch.float64)
+        shared = self.weight_fmts[0]  # the channels share word length, rounding and overflow; F is per channel
+        frac_bits = torch.tensor([f.frac_bits for f in self.weight_fmts], dtype=torch.float64)
+        codes = torch.empty(weight.shape, dtype=torch.float64)
+        # Blocks of whole channels, in order: each channel scaled by its 2**F (exact in float64) and rounded as
+        # Q(W, 0), which is Q(W, F) of the unscaled weight; stochastic draws stay in element order; a block's
+        # temporaries, not the whole layer's, are what a large classifier adds to the peak memory.
+        rows = max(1, WEIGHT_BLOCK_VALUES // max(1, weight[0].numel()))
+        for start in range(0, len(weight), rows):
+            block = weight[start:start + rows].to(torch.float64)
+            scale = torch.pow(2.0, frac_bits[start:start + rows]).reshape(-1, *[1] * (weight.dim() - 1))
+            codes[start:start + rows] = quantize_codes(block * scale, shared.total_bits, 0, shared.rounding, shared.overflow)
+        return codes
 
     def bias_codes(self) -> torch.Tensor | None:
         """The integer bias codes (float64), None without a bias."""
