@@ -57,13 +57,22 @@ def main(cfg: DictConfig) -> dict | None:
             raise SystemExit(f"fxpsweep: error: {err}") from None
         raise
     log.info(
-        "%s on %s, %d-bit weights, %d-bit activations: float %.2f/%.2f, fixed point %.2f/%.2f (top-1/top-5 %%, %d images)",
-        result["model"], result["dataset"], result["param_bits"], result["fwd_bits"],
-        result["float_top1"], result["float_top5"], result["quant_top1"], result["quant_top5"], result["n_eval"],
+        "%s on %s, %s: float %.2f/%.2f, fixed point %.2f/%.2f (top-1/top-5 %%, %d images)", result["model"], result["dataset"],
+        _widths(result), result["float_top1"], result["float_top5"], result["quant_top1"], result["quant_top5"], result["n_eval"],
     )
     if not multirun:
         print(accuracy_table(load_results([output_dir])).to_markdown(index=False))
     return result
+
+
+def _widths(result: dict) -> str:
+    """``8-bit weights, 8-bit activations``; a mixed assignment by its label and the range of its widths."""
+    def bits(kind: str, uniform: int) -> str:
+        low, high = result.get(f"{kind}_bits_range") or [uniform, uniform]
+        return f"{low}-bit {kind}s" if low == high else f"{low}..{high}-bit {kind}s"
+
+    text = f"{bits('weight', result['param_bits'])}, {bits('activation', result['fwd_bits'])}"
+    return text if result["precision"] == "uniform" else f"precision {result['precision']}: {text}"
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"rewrote the {args.marker!r} table in {args.readme}")
     failed = int((load_results(args.sweep_dirs).status != "done").sum())
     if failed:
-        print(f"{failed} job(s) failed or did not finish: their folders hold error.json (or only job.json)")
+        print(f"{failed} job(s) failed, did not finish or have a damaged result.json: see their folders' error.json "
+              "(or job.json alone); a rerun of the sweep runs them again")
 
 
 if __name__ == "__main__":

@@ -16,21 +16,32 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.core.errors import ConfigError, one_line_errors
-from fxpsweep.precision.sensitivity import probes, sensitivity_table, write_report
-from fxpsweep.sweep.config import check_config, quant_settings
+from fxpsweep.precision.sensitivity import REGISTER_KINDS, probes, sensitivity_table, write_report
+from fxpsweep.sweep.config import Choices, Folder, WordLength, check_config, quant_settings
 from fxpsweep.sweep.job import build
 
 RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
 
 
-def study(cfg: DictConfig) -> None:
+def check_study(cfg: DictConfig, multirun: bool = False) -> None:
+    """Raise ConfigError for the first bad value of a study (started with ``-m`` where ``multirun``), before any work."""
+    if multirun:
+        raise ConfigError("a study is one multirun already (one job per probe); run it without -m, once per reference width")
     check_config(cfg)
     if cfg.probe is not None:
         raise ConfigError("probe is set by the study itself, one per job; leave it out")
+    WordLength()("sensitivity.probe_bits", cfg.sensitivity.probe_bits)
+    Choices(REGISTER_KINDS)("sensitivity.registers", cfg.sensitivity.registers)
+    Folder(writable=True)("sensitivity.out", cfg.sensitivity.out)
+
+
+def study(cfg: DictConfig) -> None:
+    check_study(cfg, HydraConfig.get().mode == RunMode.MULTIRUN)
     network = QuantizedNetwork(build(cfg.model.build).module, quant_settings(cfg))
     rules = probes(network, cfg.sensitivity.probe_bits, list(cfg.sensitivity.registers))
     out = Path(cfg.sensitivity.out)

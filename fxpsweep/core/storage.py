@@ -19,11 +19,29 @@ from fxpsweep.core.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode the process's umask gives a new file (``0o666 & ~umask``) or folder (``0o777 & ~umask``)."""
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def temporary_folder_beside(beside: Path) -> Path:
+    """A new temporary folder beside ``beside`` (same file system, for an atomic rename onto it), with the mode
+    the umask gives (``mkdtemp`` makes it 0700, which would keep a team from reading it once renamed)."""
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=beside.parent, prefix=f".{beside.name}."))
+    tmp.chmod(umask_mode(directory=True))
+    return tmp
+
+
 def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(file)`` into a temporary file beside ``path``, fsync, then rename over it."""
+    """Write through ``write(file)`` into a temporary file beside ``path``, fsync, then rename over it; the file
+    gets the mode the umask gives, as a plain ``open`` would (``mkstemp`` makes it 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +26,7 @@ from torch.utils.data import Dataset
 
 from fxpsweep.data.splits import DataSplits
 from fxpsweep.core.progress import progress
+from fxpsweep.core.storage import temporary_folder_beside
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,7 @@ class CachedImages(Dataset):
 
 def _fill_cache(images: Dataset, image_steps: Callable | None, folder: Path, desc: str) -> bool:
     """Write the uint8 results of ``image_steps`` into ``folder`` (atomically); False if they differ in shape."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    tmp = temporary_folder_beside(folder)
     try:
         data, labels = None, np.empty(len(images), np.int64)
         for i in progress(range(len(images)), desc=desc, unit="image"):

@@ -50,12 +50,16 @@ def layer_sqnr(float_twin: QuantizedNetwork, quant: QuantizedNetwork, batches: I
 
 
 def layer_table(formats: list[TensorFormat], sqnr: dict[str, float]) -> pd.DataFrame:
-    """One row per register: layer, kind, W, F, weight F (range if per channel), overflows / values, SQNR, kernel."""
+    """One row per register: layer, kind, output W and F; a conv/linear's weight W and F (a range if per
+    channel), bias W and accumulator W (``exact``: as wide as needed); overflows / values, SQNR, kernel."""
     rows = []
     weight_frac: dict[str, list[int]] = {}
+    widths: dict[tuple[str, str], int] = {}  # (layer, weight | bias | accumulator) -> W
     for f in formats:
         if f.kind == "weight":
             weight_frac.setdefault(f.layer, []).append(f.frac_bits)
+        if f.kind in ("weight", "bias", "accumulator"):
+            widths[f.layer, f.kind] = f.total_bits
     for f in formats:
         if f.kind not in ("input", "activation"):
             continue
@@ -65,7 +69,10 @@ def layer_table(formats: list[TensorFormat], sqnr: dict[str, float]) -> pd.DataF
             "kind": f.kind,
             "W": f.total_bits,
             "F": f.frac_bits,
+            "weight W": widths.get((f.layer, "weight"), ""),
             "weight F": "" if not wf else str(wf[0]) if min(wf) == max(wf) else f"{min(wf)}..{max(wf)}",
+            "bias W": widths.get((f.layer, "bias"), ""),
+            "accumulator W": "" if not wf else widths.get((f.layer, "accumulator"), "exact"),
             "overflows": f"{f.overflows}/{f.values}",
             "SQNR dB": round(sqnr.get(f.layer, math.nan), 2),
             "kernel": f.kernel or "",

@@ -20,7 +20,6 @@ import math
 import operator
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from fxpsweep.core.fixedpoint import QFormat
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.ops import Dequantize, FixedAdd, FixedAvgPool, FixedCat, FixedClamp, FixedDot, FixedInput, FixedOp
 from fxpsweep.core.errors import ConfigError
+from fxpsweep.core.storage import temporary_folder_beside
 from fxpsweep.engine.evaluate import ranked_classes
 
 FORMAT = "fxpsweep-golden-vectors"
@@ -69,7 +69,7 @@ def mem_text(name: str, codes: np.ndarray, fmt: dict[str, Any], layout: str) -> 
     bits = fmt["total_bits"]
     digits = math.ceil(bits / 4)
     frac = fmt.get("frac_bits")
-    scale = f"value = code * 2^-{frac}" if frac is not None else "fractional bits per output channel: see manifest.json"
+    scale = f"value = code * 2^{-frac}" if frac is not None else "fractional bits per output channel: see manifest.json"
     header = [
         f"// fxpsweep golden vectors, format version {VERSION}: tensor {name}",
         f"// shape {list(codes.shape)} {layout}, row-major (the last index changes fastest): {codes.size} words",
@@ -158,8 +158,7 @@ def export(network: QuantizedNetwork, images: torch.Tensor, out: Path, about: di
             raise ConfigError(f"export.layers={layers!r} matches no operation; closest: {', '.join(close) or ', '.join(op['name'] for op in operations[:5])}")
         operations = chosen
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp = temporary_folder_beside(out)
     try:
         writer = _Writer(tmp)
         by_name: dict[str, torch.fx.Node] = {}

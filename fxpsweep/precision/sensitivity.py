@@ -23,6 +23,9 @@ from fxpsweep.core.storage import atomic_write_bytes, atomic_write_text
 STEM = "sensitivity"
 
 
+REGISTER_KINDS = ("weight", "output")  # what a probe narrows: a conv/linear's weights, or a register's output
+
+
 def probes(network: QuantizedNetwork, probe_bits: int, kinds: list[str]) -> list[str]:
     """The probe rules of a study, in layer order: ``NAME weight=B`` per conv/linear, ``NAME output=B`` per register.
 

@@ -3,7 +3,8 @@
 Reads every job folder below the given folders (see ``jobdir``); where one
 configuration ran more than once, the latest record counts. A job that failed
 shows ``FAILED`` in its cell, one that started and never finished (killed)
-``INCOMPLETE``: never a silent blank. One row per model and dataset,
+``INCOMPLETE``, one whose ``result.json`` is damaged ``DAMAGED`` (with a
+warning; a rerun runs it again): never a silent blank. One row per model and dataset,
 one column per bit-width (``w8a10`` where weights and activations differ) plus
 a ``float`` column; cells are ``top1/top5`` in percent. Where the results
 differ in a datapath or calibration setting (``SETTINGS``), that setting
@@ -15,7 +16,7 @@ activation and BitOps, so mixed and uniform word lengths compare on one axis.
 from __future__ import annotations
 
 import io
-import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -34,21 +35,30 @@ COST_COLUMNS = {"weight_kib": "weight KiB", "activation_kib": "largest activatio
 SETTINGS = [c for c in identity_keys() if c not in ("bits", "param_bits", "fwd_bits", "eval_limit", "kernel")] + ["precision"]
 # What makes two results the same configuration (the later one replaces the earlier).
 CONFIG_KEYS = ["model", "dataset", "param_bits", "fwd_bits", "eval_limit", *SETTINGS]
-RECORD_FILES = {"done": jobdir.RESULT_FILE, "failed": jobdir.ERROR_FILE, "incomplete": jobdir.JOB_FILE}
+# The record a row is read from, by status: a damaged folder's row comes from what the job said when it started.
+RECORD_FILES = {"done": jobdir.RESULT_FILE, "damaged": jobdir.JOB_FILE, "failed": jobdir.ERROR_FILE, "incomplete": jobdir.JOB_FILE}
+
+log = logging.getLogger(__name__)
 
 
 def load_results(sweep_dirs: Iterable[str | Path]) -> pd.DataFrame:
     """Every job below ``sweep_dirs``, latest record per configuration, one row each.
 
     ``status`` is ``done`` (the row has the accuracies), ``failed`` (``error``
-    says why) or ``incomplete``.
+    says why), ``incomplete`` or ``damaged``. A folder none of whose records can
+    be read is left out, with a warning.
     """
     rows = []
-    folders = {p.parent for d in sweep_dirs for name in RECORD_FILES.values() for p in Path(d).rglob(name)}
+    folders = {p.parent for d in sweep_dirs for name in set(RECORD_FILES.values()) | {jobdir.RESULT_FILE} for p in Path(d).rglob(name)}
     for folder in sorted(folders):
         state = jobdir.status(folder)
         path = folder / RECORD_FILES[state]
-        row = json.loads(path.read_text())
+        row = jobdir.read_record(path)
+        if state == "damaged" or row is None:
+            log.warning("%s: %s is damaged (not a JSON object); %s", folder, jobdir.RESULT_FILE if state == "damaged" else path.name,
+                        "shown as DAMAGED; a rerun of the sweep runs it again" if row is not None else "left out of the table")
+        if row is None:
+            continue
         row.pop("config", None)
         row.pop("traceback", None)
         row.update(status=state, path=str(folder), mtime=path.stat().st_mtime)

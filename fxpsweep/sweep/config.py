@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,27 @@ class Choice:
     def __call__(self, key: str, value: Any) -> None:
         if value not in self.options:
             raise ConfigError(f"{key}={value!r} is unknown; allowed: {', '.join(self.options)}")
+
+
+@dataclass(frozen=True)
+class Choices:
+    """A list of distinct words, at least one, each one of a few."""
+
+    options: tuple[str, ...]
+    kind = "list of names"
+
+    def allowed(self) -> str:
+        return "a list of " + ", ".join(f"`{o}`" for o in self.options)
+
+    def __call__(self, key: str, value: Any) -> None:
+        example = f"{key}=[{','.join(self.options)}]"
+        if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+            raise ConfigError(f"{key}={value!r} must be a list of one or more of {', '.join(self.options)}, e.g. {example}")
+        for item in value:
+            if item not in self.options:
+                raise ConfigError(f"{key}: {item!r} is unknown; allowed: {', '.join(self.options)}")
+        if len(set(value)) < len(value):
+            raise ConfigError(f"{key}={list(value)!r} names a value twice; give each once")
 
 
 @dataclass(frozen=True)
@@ -183,7 +205,7 @@ class OptionalRule:
             parse_rule(value, key)
 
 
-Check = WordLength | Choice | Whole | Count | Fraction | Flag | Folder | OptionalRule
+Check = WordLength | Choice | Choices | Whole | Count | Fraction | Flag | Folder | OptionalRule
 
 
 def key(default: Any, check: Check, doc: str, *, setting: str | None = None, names_job: bool = False) -> Any:
@@ -251,7 +273,7 @@ class JobConfig:
     report_images: int = key(256, Whole(0), "evaluation images for the per-layer SQNR in `layers.md`, 0 for none")
     cache_dir: str = key('${oc.env:FXPSWEEP_CACHE,"~/.cache/fxpsweep"}', Folder(writable=True),
                          "images, calibration statistics, float predictions, weight formats, kernel choices")
-    dry_run: bool = key(False, Flag(), "list the sweep's jobs and whether each is done, failed, incomplete or new; run nothing")
+    dry_run: bool = key(False, Flag(), "list the sweep's jobs and whether each is done, damaged, failed, incomplete or new; run nothing")
     data_dir: str = key("${oc.env:FXPSWEEP_DATA,../shared/data}", Folder(),
                         "real weights and images of the bundled real-data configs")
 
@@ -303,6 +325,9 @@ def job_identity(cfg: DictConfig) -> dict[str, Any]:
 
 def precision_rules(cfg: DictConfig) -> list[Rule]:
     """The job's precision rules: ``precision.rules``, then ``probe``."""
+    texts = cfg.precision.rules
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise ConfigError(f"precision.rules={texts!r} must be a list of rules, e.g. precision.rules=['features.* weight=4']")
     rules = [parse_rule(text, f"precision.rules[{i}]") for i, text in enumerate(cfg.precision.rules)]
     return rules + ([parse_rule(cfg.probe, "probe")] if cfg.probe is not None else [])
 

@@ -30,13 +30,11 @@ from fxpsweep.models import PretrainedModel
 from fxpsweep.engine.costs import layer_costs, totals
 from fxpsweep.engine.evaluate import Predictions, paired_top1, predict
 from fxpsweep.sweep.config import job_identity, keeps_freed_memory, precision_rules, quant_settings
-from fxpsweep.sweep.jobdir import RESULT_FILE
+from fxpsweep.sweep.jobdir import FORMATS_FILE, LAYERS_FILE, RESULT_FILE
 from fxpsweep.core.storage import atomic_write_json, atomic_write_text, cached
 
 log = logging.getLogger(__name__)
 
-FORMATS_FILE = "formats.json"
-LAYERS_FILE = "layers.md"
 ACC_LINES_FILE = "acc1_acc5.txt"
 
 
@@ -164,6 +162,9 @@ def _run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str
         "top1_gained": top1_gained,
         # The SQNR of the network's output (its last register) against float, on the report images.
         "output_sqnr_db": sqnr.get(quant_model.ops[-1].name) if sqnr else None,
+        # The narrowest and widest word of the weights and of the activations (a mixed assignment's range).
+        "weight_bits_range": _range(f.total_bits for f in formats if f.kind == "weight"),
+        "activation_bits_range": _range(f.total_bits for f in formats if f.kind in ("input", "activation")),
         **totals(costs),
         "layer_costs": costs,
         "published_top1": model.meta.get("published_top1"),
@@ -179,6 +180,11 @@ def _run_job(cfg: DictConfig, output_dir: Path, acc_lines_dir: Path) -> dict[str
     atomic_write_json(output_dir / RESULT_FILE, result)
     _append_acc_line(acc_lines_dir / ACC_LINES_FILE, result)
     return result
+
+
+def _range(widths) -> list[int]:
+    widths = list(widths)
+    return [min(widths), max(widths)] if widths else []
 
 
 def _evaluate(

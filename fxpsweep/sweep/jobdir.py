@@ -2,10 +2,14 @@
 
 A job writes ``job.json`` (what it is) when it starts, ``result.json`` when it
 finishes, and ``error.json`` (message and traceback) when it raises; all
-atomically. A folder with ``job.json`` only was killed (or is still running):
-SIGKILL, ``scancel``, a node that died. The status is read from the files, not
-from SLURM, so a SLURM job reported COMPLETED whose Hydra job failed still
-counts as failed.
+atomically. Starting or failing removes the records of an earlier run
+(``result.json``, ``formats.json``, ``layers.md``), so a rerun that fails
+never leaves an old result looking current. A folder with ``job.json`` only
+was killed (or is still running): SIGKILL, ``scancel``, a node that died. A
+``result.json`` that is not a JSON object (a damaged disk, a hand edit) makes
+the folder ``damaged``: reported as such, and run again by a rerun. The
+status is read from the files, not from SLURM, so a SLURM job reported
+COMPLETED whose Hydra job failed still counts as failed.
 
 A job's folder is named by its overrides (``bits=8,model=resnet50``), made
 safe by ``folder_name``: Hydra calls it through the ``fxpsweep.job_folder``
@@ -31,7 +35,9 @@ from fxpsweep.core.storage import atomic_write_json
 JOB_FILE = "job.json"
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.json"
-STATUSES = ("done", "failed", "incomplete", "new")
+FORMATS_FILE = "formats.json"  # the formats and the layer report, written just before the result
+LAYERS_FILE = "layers.md"
+STATUSES = ("done", "damaged", "failed", "incomplete", "new")
 # Characters kept in a folder name; anything else (/, spaces, quotes, brackets, ...) becomes "_".
 UNSAFE = re.compile(r"[^A-Za-z0-9._,=+@-]")
 NAME_BYTES = 200  # of the readable part; with the hash, well below the 255-byte limit of a file name
@@ -57,10 +63,19 @@ def folder_name(overrides: str) -> str:
 OmegaConf.register_new_resolver("fxpsweep.job_folder", folder_name, replace=True)
 
 
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The JSON object in the record file ``path``; None where it is missing, unreadable or not a JSON object."""
+    try:
+        record = json.loads(path.read_bytes())
+    except (OSError, ValueError):  # ValueError: broken JSON or text that is not UTF-8
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def status(folder: Path) -> str:
     """One of ``STATUSES`` for the job folder ``folder``."""
     if (folder / RESULT_FILE).exists():
-        return "done"
+        return "done" if read_record(folder / RESULT_FILE) is not None else "damaged"
     if (folder / ERROR_FILE).exists():
         return "failed"
     if (folder / JOB_FILE).exists():
@@ -69,23 +84,27 @@ def status(folder: Path) -> str:
 
 
 def finished_result(folder: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The saved result of ``folder`` if it was made with exactly ``config``, else None."""
-    path = folder / RESULT_FILE
-    if not path.exists():
-        return None
-    result = json.loads(path.read_text())
-    return result if result.get("config") == config else None
+    """The saved result of ``folder`` if it was made with exactly ``config``, else None (also where it is damaged)."""
+    result = read_record(folder / RESULT_FILE)
+    return result if result is not None and result.get("config") == config else None
+
+
+def _forget_earlier_run(folder: Path) -> None:
+    for name in (RESULT_FILE, FORMATS_FILE, LAYERS_FILE, ERROR_FILE):
+        (folder / name).unlink(missing_ok=True)
 
 
 def mark_started(folder: Path, identity: dict[str, Any]) -> None:
-    """Record that the job ``identity`` started here, and where it runs; forget an earlier failure."""
-    (folder / ERROR_FILE).unlink(missing_ok=True)
+    """Record that the job ``identity`` started here, and where it runs; forget every record of an earlier run."""
+    _forget_earlier_run(folder)
     where = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
     atomic_write_json(folder / JOB_FILE, {**identity, **where})
 
 
 def record_failure(folder: Path, identity: dict[str, Any], error: BaseException) -> None:
-    """Write ``error.json``: the job, the error's type and message, and the traceback."""
+    """Write ``error.json``: the job, the error's type and message, and the traceback; an earlier run's result
+    goes (a job that failed before it started, on a bad value, leaves no older result looking current)."""
+    _forget_earlier_run(folder)
     atomic_write_json(folder / ERROR_FILE, {
         **identity,
         "error_type": type(error).__name__,

@@ -17,7 +17,7 @@ from made_on_the_fly import random_network
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.settings import QuantSettings
 from fxpsweep.core.errors import ConfigError
-from fxpsweep.golden.export import export
+from fxpsweep.golden.export import export, mem_text
 from fxpsweep.core.rules import parse_rule
 
 # Replay with torch made unimportable: the checker needs numpy alone.
@@ -115,6 +115,13 @@ def test_damaged_and_foreign_folders_are_one_line_errors(tmp_path) -> None:
     assert f"{mem} has" in proc.stderr and "truncated or damaged" in proc.stderr
 
 
+@pytest.mark.parametrize(("frac", "scale"), [(3, "value = code * 2^-3"), (0, "value = code * 2^0"), (-2, "value = code * 2^2")])
+def test_a_mem_header_states_the_scale_of_any_fraction_width(frac: int, scale: str) -> None:
+    text = mem_text("conv1", np.array([[-1, 2]]), {"total_bits": 8, "frac_bits": frac, "rounding": "floor", "overflow": "wrap"}, "NC")
+    assert f"8-bit two's complement, {scale}; floor, wrap" in text
+    assert text.splitlines()[-2:] == ["ff", "02"]
+
+
 def test_bad_export_settings(tmp_path) -> None:
     net = QuantizedNetwork(random_network("resnet18"), QuantSettings(8, 8))
     net.calibrate([torch.randn(2, 3, 32, 32)])
@@ -129,7 +136,13 @@ def test_bad_export_settings(tmp_path) -> None:
 def test_a_layer_pattern_exports_only_those_operations(tmp_path) -> None:
     net = QuantizedNetwork(random_network("resnet18"), QuantSettings(8, 8))
     net.calibrate([torch.randn(2, 3, 32, 32)])
-    manifest = export(net, torch.randn(1, 3, 32, 32), tmp_path / "l", {}, layers="layer3.*")
+    umask = os.umask(0o027)  # the folder and its files get the modes the umask gives, as a team's tools expect
+    try:
+        manifest = export(net, torch.randn(1, 3, 32, 32), tmp_path / "l", {}, layers="layer3.*")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "l").stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "l").rglob("*") if p.is_file()} == {0o640}
     assert {op["name"] for op in manifest["operations"]} == {"layer3.0.conv1", "layer3.0.conv2", "layer3.0.downsample.0", "layer3.1.conv1", "layer3.1.conv2"}
     assert replay(tmp_path / "l").returncode == 0
 

@@ -17,6 +17,7 @@ from hydra.errors import HydraException
 
 from conftest import REPO
 from fxpsweep.core.errors import ConfigError
+from fxpsweep.sensitivity import check_study
 from fxpsweep.sweep.config import check_config, schema_keys
 
 # Each top-level key of a job (the schema's, fxpsweep/sweep/config.py, and the config groups): bad values
@@ -61,7 +62,9 @@ BAD_VALUES: dict[str, list[tuple[str, str]]] = {
     "device": [("device=tpu", "Could not find 'device/tpu'"),
                ("device.keep_freed_memory=sometimes", "device.keep_freed_memory='sometimes' must be true or false")],
     "precision": [("precision=mixed", "Could not find 'precision/mixed'"),
-                  ('precision.rules=["features.0 weight=40"]', "precision.rules[0]: weight=40 in rule 'features.0 weight=40' is not a word length")],
+                  ('precision.rules=["features.0 weight=40"]', "precision.rules[0]: weight=40 in rule 'features.0 weight=40' is not a word length"),
+                  ("precision.rules='features.* weight=4'",
+                   "precision.rules='features.* weight=4' must be a list of rules, e.g. precision.rules=['features.* weight=4']")],
 }
 
 
@@ -119,3 +122,34 @@ def test_run_py_stops_on_a_bad_value_with_one_line_and_no_result(run_app, tmp_pa
         if (tmp_path / str(index) / "result.json").exists():
             problems.append(f"{arg}: a result file was written")
     assert not problems, "\n".join(problems)
+
+
+# The sensitivity study's own keys, composed as ``python -m fxpsweep.sensitivity`` composes them.
+STUDY_BAD_VALUES = [
+    ("sensitivity.probe_bits=0", "sensitivity.probe_bits=0 is impossible"),
+    ("sensitivity.probe_bits=four", "sensitivity.probe_bits='four' is not a whole number"),
+    ("sensitivity.registers=weight", "sensitivity.registers='weight' must be a list of one or more of weight, output, "
+     "e.g. sensitivity.registers=[weight,output]"),
+    ("sensitivity.registers=[]", "sensitivity.registers=[] must be a list of one or more of weight, output"),
+    ("sensitivity.registers=[weight,bias]", "sensitivity.registers: 'bias' is unknown; allowed: weight, output"),
+    ("sensitivity.registers=[weight,weight]", "sensitivity.registers=['weight', 'weight'] names a value twice"),
+    ("sensitivity.out=/proc/no", "sensitivity.out=/proc/no is not a folder fxpsweep can write to"),
+    ("probe='classifier weight=4'", "probe is set by the study itself, one per job; leave it out"),
+]
+
+
+@pytest.mark.parametrize("arg, message", STUDY_BAD_VALUES, ids=[a for a, _ in STUDY_BAD_VALUES])
+def test_each_bad_study_value_is_refused_with_one_line_naming_it(arg: str, message: str, tmp_path) -> None:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("sensitivity", overrides=[arg, f"cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(ConfigError) as err:
+        check_study(cfg)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_study_refuses_to_be_swept(tmp_path) -> None:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("sensitivity", overrides=[f"cache_dir={tmp_path / 'cache'}"])
+    check_study(cfg)  # the defaults are fine
+    with pytest.raises(ConfigError, match="a study is one multirun already"):
+        check_study(cfg, multirun=True)
