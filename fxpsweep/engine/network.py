@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import math
 import operator
 from collections.abc import Iterable, Iterator
@@ -66,6 +67,8 @@ from fxpsweep.engine.statistics import RELU_SUFFIX, StatsObserver, tensor_finger
 from fxpsweep.core.errors import ConfigError
 from fxpsweep.core.rules import Rule, resolve
 from fxpsweep.core.storage import SOURCES, cached
+
+log = logging.getLogger(__name__)
 
 # Operations that map grid values to grid values: they run on codes unchanged.
 EXACT_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
@@ -323,6 +326,10 @@ class QuantizedNetwork(nn.Module):
         images = torch.cat(batches) if (s.bias_correction or s.weight_rounding == "gptq") and batches else None
         float_means = self._dot_output_means(images) if images is not None and s.bias_correction else None
         self._finalize(stats)
+        refused = [op.name for op in self.ops if isinstance(op, FixedDot) and op.kernel_refused]
+        if refused:
+            log.warning("kernel=%s cannot compute %d of the conv/linear layers exactly at these widths (%s); they run on "
+                        "the fastest kernel that can", s.kernel, len(refused), ", ".join(refused[:5]) + (", ..." if len(refused) > 5 else ""))
         if images is not None:
             _LayerByLayer(self, s.weight_rounding == "gptq", float_means).run(images)
             for op in self.ops:

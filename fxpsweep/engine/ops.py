@@ -218,6 +218,7 @@ class FixedDot(FixedOp):
         self.product_overflows = self.product_values = 0
         self.input_low_code = -math.inf  # the lowest code the input register holds (0 after a ReLU); set by the builder
         self.chosen_weight_codes: torch.Tensor | None = None  # set by calibration with weight_rounding=gptq
+        self.kernel_refused = False  # settings.kernel cannot compute this layer exactly: it runs on another
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
@@ -307,6 +308,7 @@ class FixedDot(FixedOp):
             self.candidates = kernels.exact_candidates(layer, device)
         if settings.kernel != "auto":
             forced = [k for k in self.candidates if k.name == settings.kernel]
+            self.kernel_refused = not forced  # the network says so once, for every such layer
             self.candidates = forced or self.candidates  # where it is not exact, the layer chooses among the others
         if len(self.candidates) == 1:
             self.use(self.candidates[0])

@@ -248,7 +248,8 @@ class JobConfig:
                           "`exact` (bit-exact integer datapath), `fast` (one float32 or int8 call per layer, exact below 2**24)",
                           setting="arithmetic")
     kernel: str = key("auto", Choice(("auto",) + KERNEL_NAMES[:-1]),
-                      "exact kernel of every conv/linear: `auto` (the fastest, measured on the machine) or one forced",
+                      "exact kernel of every conv/linear: `auto` (the fastest, measured on the machine) or one forced "
+                      "(a layer it cannot compute exactly runs on another, with a warning; not with `arithmetic=fast`)",
                       setting="kernel")
     acc_bits: int | None = key(None, WordLength(optional=True), "conv/linear accumulator word (`null`: exact, as wide as needed)",
                                setting="acc_bits")
@@ -298,6 +299,9 @@ def check_config(cfg: DictConfig) -> None:
         f.metadata["check"](name, OmegaConf.select(cfg, name))
     precision_rules(cfg)  # each rule parses; whether it matches a layer is known once the model is built
     keeps_freed_memory(cfg)
+    if cfg.arithmetic == "fast" and cfg.kernel != "auto":
+        raise ConfigError(f"kernel={cfg.kernel} forces an exact kernel, and arithmetic=fast runs one float32 or int8 call per "
+                          "layer; leave kernel=auto, or set arithmetic=exact")
 
 
 def quant_settings(cfg: DictConfig) -> QuantSettings:

@@ -1,6 +1,9 @@
-"""layers.md's table names every width a register's layer uses: output, weight, bias and accumulator."""
+"""layers.md's table names every width a register's layer uses: output, weight, bias and accumulator; a forced kernel that
+cannot be exact at those widths is a warning that names the layers."""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -19,6 +22,8 @@ def small_network() -> nn.Module:
 def table_of(settings: QuantSettings, rules=()):
     net = QuantizedNetwork(small_network(), settings, rules=[parse_rule(r) for r in rules])
     net.calibrate([torch.randn(4, 3, 8, 8)])
+    with torch.no_grad():
+        net(torch.randn(2, 3, 8, 8))  # so that each conv/linear row names the kernel that ran it
     return layer_table(net.formats(), {}).set_index("layer")
 
 
@@ -32,3 +37,11 @@ def test_each_layer_shows_its_weight_bias_and_accumulator_widths() -> None:
 def test_an_accumulator_word_is_shown_where_one_is_set() -> None:
     table = table_of(QuantSettings(8, 8, acc_bits=20))
     assert table.loc["0", "accumulator W"] == 20 and table.loc["3", "accumulator W"] == 20
+
+
+def test_a_forced_kernel_that_cannot_be_exact_is_a_warning_naming_the_layers(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="fxpsweep.engine.network"):
+        table = table_of(QuantSettings(16, 16, kernel="float32"))
+    assert "kernel=float32 cannot compute 2 of the conv/linear layers exactly at these widths (0, 3)" in caplog.text
+    ran = table.loc[["0", "3"], "kernel"].tolist()
+    assert all(ran) and "float32" not in ran  # they ran on kernels that can

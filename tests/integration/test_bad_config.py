@@ -153,3 +153,10 @@ def test_a_study_refuses_to_be_swept(tmp_path) -> None:
     check_study(cfg)  # the defaults are fine
     with pytest.raises(ConfigError, match="a study is one multirun already"):
         check_study(cfg, multirun=True)
+
+
+def test_a_kernel_forced_on_fast_arithmetic_is_one_line(tmp_path) -> None:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["arithmetic=fast", "kernel=float64", f"cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(ConfigError, match=r"^kernel=float64 forces an exact kernel, and arithmetic=fast runs one float32 or int8 call"):
+        check_config(cfg)
