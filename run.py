@@ -8,6 +8,7 @@ and whether it is done, failed, incomplete or new, running nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -36,11 +37,13 @@ def main(cfg: DictConfig) -> dict | None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     name = hydra_cfg.job.override_dirname or "(no overrides)"
     identity = job_identity(cfg)
+    claim = contextlib.ExitStack()  # released after the failure is recorded
     try:
         check_config(cfg)  # every value, before anything runs or is written
         if cfg.dry_run:
             print(f"{jobdir.status(output_dir):>10}  {name}  ({output_dir})")
             return None
+        claim.enter_context(jobdir.claimed(output_dir))
         done = jobdir.finished_result(output_dir, plain_config(cfg))
         if done is not None:
             log.info("already done, skipped: %s (%s)", name, output_dir)
@@ -56,6 +59,8 @@ def main(cfg: DictConfig) -> dict | None:
                 raise JobFailed(f"{name}: {err}") from None
             raise SystemExit(f"fxpsweep: error: {err}") from None
         raise
+    finally:
+        claim.close()
     log.info(
         "%s on %s, %s: float %.2f/%.2f, fixed point %.2f/%.2f (top-1/top-5 %%, %d images)", result["model"], result["dataset"],
         _widths(result), result["float_top1"], result["float_top5"], result["quant_top1"], result["quant_top5"], result["n_eval"],

@@ -1,6 +1,7 @@
 """What a job's folder says about it: done, failed, incomplete (started, never finished), or new.
 
-A job writes ``job.json`` (what it is) when it starts, ``result.json`` when it
+One process at a time checks, runs and records a job (``claimed``). A job
+writes ``job.json`` (what it is) when it starts, ``result.json`` when it
 finishes, and ``error.json`` (message and traceback) when it raises; all
 atomically. Starting or failing removes the records of an earlier run
 (``result.json``, ``formats.json``, ``layers.md``), so a rerun that fails
@@ -19,12 +20,16 @@ resolver in ``conf/config.yaml``, registered when this module is imported
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,9 @@ from omegaconf import OmegaConf
 
 from fxpsweep.core.storage import atomic_write_json
 
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "job.lock"  # held while a process checks, runs and records the job: one process per job at a time
 JOB_FILE = "job.json"
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.json"
@@ -92,6 +100,21 @@ def finished_result(folder: Path, config: dict[str, Any]) -> dict[str, Any] | No
 def _forget_earlier_run(folder: Path) -> None:
     for name in (RESULT_FILE, FORMATS_FILE, LAYERS_FILE, ERROR_FILE):
         (folder / name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def claimed(folder: Path) -> Iterator[None]:
+    """Hold the job folder's lock (``flock``): a second process given the same job (two identical sweeps into one
+    folder) waits here until the first is done, then finds the result and skips it. The lock goes with the
+    process, also when it is killed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is running the job in %s; waiting for it", folder)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def mark_started(folder: Path, identity: dict[str, Any]) -> None:

@@ -1,11 +1,12 @@
-"""Sweeps that resume: override-named job folders, skipping finished jobs, dry runs, failures on record,
-and the aggregate command (merging sweeps, marking failures, the plot, README tables between markers)."""
+"""Sweeps that resume: override-named job folders, skipping finished jobs, two identical sweeps at once, dry runs,
+failures on record, and the aggregate command (merging sweeps, marking failures, the plot, README tables between markers)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 
@@ -86,3 +87,14 @@ def test_local_submitit_launcher_runs_the_jobs_as_processes(run_app, tmp_path) -
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / ".submitit").is_dir()  # went through submitit, not Hydra's in-process launcher
     assert set(result_mtimes(tmp_path)) == {"bits=4,report_images=16", "bits=8,report_images=16"}
+
+
+def test_two_identical_sweeps_at_once_run_each_job_once(run_app, tmp_path) -> None:
+    args = ("-m", "bits=4,8", "eval_limit=200", "report_images=0", f"hydra.sweep.dir={tmp_path}")
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(lambda _: run_app(*args), range(2)))
+    assert all(p.returncode == 0 for p in procs), [p.stderr[-2000:] for p in procs]
+    output = "".join(p.stdout + p.stderr for p in procs)
+    assert output.count("already done, skipped") == 2  # each job ran in one sweep and was found done by the other
+    lines = (tmp_path / "acc1_acc5.txt").read_text().splitlines()
+    assert len(lines) == 2 and len(set(lines)) == 2
