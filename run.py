@@ -15,7 +15,8 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from fxpsweep.core.errors import ConfigError
 from fxpsweep.sweep import jobdir
@@ -36,7 +37,7 @@ def main(cfg: DictConfig) -> dict | None:
     output_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     name = hydra_cfg.job.override_dirname or "(no overrides)"
-    identity = job_identity(cfg)
+    identity = _identity(cfg)
     claim = contextlib.ExitStack()  # released after the failure is recorded
     try:
         check_config(cfg)  # every value, before anything runs or is written
@@ -68,6 +69,15 @@ def main(cfg: DictConfig) -> dict | None:
     if not multirun:
         print(accuracy_table(load_results([output_dir])).to_markdown(index=False))
     return result
+
+
+def _identity(cfg: DictConfig) -> dict:
+    """What the job is (``job_identity``), or for a config too broken to say (a precision file without
+    ``name``), its model and dataset: what its ``error.json`` records."""
+    try:
+        return job_identity(cfg)
+    except OmegaConfBaseException:
+        return {"model": OmegaConf.select(cfg, "model.name", default=None), "dataset": OmegaConf.select(cfg, "dataset.name", default=None)}
 
 
 def _widths(result: dict) -> str:

@@ -21,6 +21,7 @@ same name in ``QuantSettings``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import tempfile
@@ -293,8 +294,42 @@ def schema_keys(schema: type = JobConfig, prefix: str = "") -> list[tuple[str, d
     return keys
 
 
+GROUPS = ("model", "dataset", "device", "precision")  # the config groups; their options hold their own keys
+COMMAND_SECTIONS = ("search", "sensitivity", "export", "finetune")  # what the other commands add, checked by them
+PRECISION_KEYS = ("name", "rules")
+
+
+def _known_keys(cfg: DictConfig, where: str, known: list[str], hint: str = "") -> None:
+    for name in cfg:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            suggestion = f"; did you mean {where}{close[0]}?" if close else f"; known: {', '.join(known)}"
+            raise ConfigError(f"{where}{name} is not a key fxpsweep knows{hint}{suggestion}")
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Raise ConfigError for a key no schema declares (a misspelt key in a precision file, ``+key=...``) and for a
+    precision option without its ``name`` and ``rules``."""
+    top = list(dict.fromkeys(name.split(".")[0] for name, _ in schema_keys())) + [*GROUPS, *COMMAND_SECTIONS]
+    _known_keys(cfg, "", top)
+    for f in dataclasses.fields(JobConfig):
+        if "check" not in f.metadata:  # a section of keys (calibration.*)
+            _known_keys(cfg[f.name], f"{f.name}.", [g.name for g in dataclasses.fields(f.default_factory)])
+    precision = cfg.get("precision")
+    if not isinstance(precision, DictConfig):
+        raise ConfigError(f"precision={precision!r} must be a precision option: a file with `name:` and `rules:` (docs/precision.md)")
+    _known_keys(precision, "precision.", list(PRECISION_KEYS),
+                " (a precision file that writes `precision:` itself starts with the line `# @package _global_`)")
+    for name in PRECISION_KEYS:
+        if name not in precision:
+            raise ConfigError(f"precision.{name} is missing; a precision file sets `name:` and `rules:` (docs/precision.md)")
+    if not isinstance(precision.name, str) or not precision.name:
+        raise ConfigError(f"precision.name={precision.name!r} must be a name")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError for the first bad value of a job's config, before any work."""
+    check_keys(cfg)
     for name, f in schema_keys():
         f.metadata["check"](name, OmegaConf.select(cfg, name))
     precision_rules(cfg)  # each rule parses; whether it matches a layer is known once the model is built

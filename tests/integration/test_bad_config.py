@@ -160,3 +160,31 @@ def test_a_kernel_forced_on_fast_arithmetic_is_one_line(tmp_path) -> None:
         cfg = compose("config", overrides=["arithmetic=fast", "kernel=float64", f"cache_dir={tmp_path / 'cache'}"])
     with pytest.raises(ConfigError, match=r"^kernel=float64 forces an exact kernel, and arithmetic=fast runs one float32 or int8 call"):
         check_config(cfg)
+
+
+# Precision files as users write them wrongly (in a folder of their own, --config-dir's search path), and keys
+# no schema declares: each one line naming the key, with the closest one that exists.
+PRECISION_FILES = {
+    "no_header": "precision:\n  name: no_header\n  rules: []\n",
+    "no_name": "# @package _global_\nprecision:\n  rules: ['conv1 weight=4']\n",
+    "misspelt": "# @package _global_\nbitz: 3\nprecision:\n  name: misspelt\n  rules: []\n",
+}
+UNKNOWN_KEYS = [
+    ("precision=no_header", "precision.precision is not a key fxpsweep knows (a precision file that writes `precision:` "
+     "itself starts with the line `# @package _global_`); known: name, rules"),
+    ("precision=no_name", "precision.name is missing; a precision file sets `name:` and `rules:` (docs/precision.md)"),
+    ("precision=misspelt", "bitz is not a key fxpsweep knows; did you mean bits?"),
+    ("+calibration.weightz=max", "calibration.weightz is not a key fxpsweep knows; did you mean calibration.weights?"),
+]
+
+
+@pytest.mark.parametrize("arg, message", UNKNOWN_KEYS, ids=[a for a, _ in UNKNOWN_KEYS])
+def test_an_unknown_key_or_a_malformed_precision_file_is_one_line(arg: str, message: str, tmp_path) -> None:
+    for name, text in PRECISION_FILES.items():
+        (tmp_path / "precision").mkdir(exist_ok=True)
+        (tmp_path / "precision" / f"{name}.yaml").write_text(text)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[arg, f"hydra.searchpath=[file://{tmp_path}]", f"cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    assert str(err.value) == message
