@@ -165,12 +165,30 @@ class NpzImages(Dataset):
     """
 
     def __init__(self, path: str | Path) -> None:
+        import zipfile
+
         import numpy as np
 
-        with np.load(path) as archive:
-            if "x" not in archive or "y" not in archive:
-                raise ConfigError(f"{path} must hold arrays 'x' (N, H, W, 3) uint8 and 'y' labels; it has {list(archive)}")
-            self.images, self.labels = archive["x"], archive["y"].astype("int64")
+        wanted = "give an .npz file with arrays x (N, H, W, 3) uint8 and y (N) integer labels"
+        if Path(path).is_dir():
+            raise ConfigError(f"dataset.path={path} is a folder; {wanted}")
+        try:
+            archive = np.load(path, allow_pickle=False)
+            if not isinstance(archive, np.lib.npyio.NpzFile):  # one .npy array
+                raise ValueError(path)
+            with archive:
+                names = list(archive.files)
+                images, labels = (archive["x"], archive["y"]) if {"x", "y"} <= set(names) else (None, None)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            why = err.strerror if isinstance(err, OSError) and err.strerror else "not an .npz archive"
+            raise ConfigError(f"dataset.path={path} cannot be read ({why}); {wanted}") from None
+        if images is None:
+            raise ConfigError(f"dataset.path={path} holds arrays {names}, not x and y; {wanted}")
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+            raise ConfigError(f"dataset.path={path}: x is {images.dtype} of shape {tuple(images.shape)}; {wanted}")
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
+            raise ConfigError(f"dataset.path={path}: y is {labels.dtype} of shape {tuple(labels.shape)} for {len(images)} images; {wanted}")
+        self.images, self.labels = images, labels.astype("int64")
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -137,3 +137,40 @@ def test_python2_pickle_helper_writes_real_jpegs(imagenet_pair) -> None:
     with open(py2, "rb") as f:
         data = pickle.load(f, encoding="bytes")[b"data"]
     assert Image.open(io.BytesIO(data[0])).format == "JPEG"
+
+
+def _npz(path: Path, **arrays) -> Path:
+    import numpy as np
+
+    np.savez(path, **arrays)
+    return path
+
+
+def bad_npz_files(tmp_path: Path) -> list[tuple[Path, str]]:
+    import numpy as np
+
+    good_x = np.zeros((4, 8, 8, 3), np.uint8)
+    text = tmp_path / "text.npz"
+    text.write_text("not an archive\n")
+    npy = tmp_path / "one.npz"
+    np.save(npy.with_suffix(".npy"), good_x)
+    npy.with_suffix(".npy").rename(npy)
+    return [
+        (tmp_path, "is a folder; give an .npz file"),
+        (text, "cannot be read (not an .npz archive); give an .npz file"),
+        (npy, "cannot be read (not an .npz archive)"),
+        (_npz(tmp_path / "names.npz", images=good_x, labels=np.zeros(4, np.int64)), "holds arrays ['images', 'labels'], not x and y"),
+        (_npz(tmp_path / "gray.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.zeros(4, np.int64)), "x is uint8 of shape (4, 8, 8)"),
+        (_npz(tmp_path / "floats.npz", x=good_x.astype(np.float32), y=np.zeros(4, np.int64)), "x is float32 of shape (4, 8, 8, 3)"),
+        (_npz(tmp_path / "short.npz", x=good_x, y=np.zeros(3, np.int64)), "y is int64 of shape (3,) for 4 images"),
+        (_npz(tmp_path / "negative.npz", x=good_x, y=np.array([0, 1, -1, 2])), "y is int64 of shape (4,) for 4 images"),
+    ]
+
+
+def test_a_bad_npz_dataset_is_one_line_naming_the_file(tmp_path) -> None:
+    from fxpsweep.data.splits import split_npz
+
+    for path, message in bad_npz_files(tmp_path):
+        with pytest.raises(ConfigError) as err:
+            split_npz(str(path), n_samples=1, eval_limit=None, seed=0)
+        assert str(err.value).startswith(f"dataset.path={path}") and message in str(err.value) and "\n" not in str(err.value)
