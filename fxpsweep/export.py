@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fxpsweep.core.errors import ConfigError, one_line_errors
-from fxpsweep.golden.export import export
+from fxpsweep.golden.export import check_destination, export
 from fxpsweep.sweep.config import check_config, rule_texts
 from fxpsweep.sweep.job import calibrated_network
 
@@ -28,6 +28,9 @@ def run(cfg: DictConfig) -> None:
     n = cfg.export.n_images
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"export.n_images={n!r} must be a positive number of images")
+    if cfg.export.layers is not None and not isinstance(cfg.export.layers, str):
+        raise ConfigError(f"export.layers={cfg.export.layers!r} must be a glob over operation names, or null")
+    check_destination(Path(cfg.export.out), cfg.rounding)
     started = time.perf_counter()
     job = calibrated_network(cfg)
     count = min(n, len(job.splits.evaluation))

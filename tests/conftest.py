@@ -74,6 +74,7 @@ SLOW = [
     "engine/test_dot_add.py::test_where_the_loop_does_not_apply_the_two_operations_run_one_after_the_other",
     "golden/test_golden.py::*",  # export settings and a layer pattern (export and replay) stay quick:
     "!golden/test_golden.py::test_bad_export_settings",
+    "!golden/test_golden.py::test_a_destination_that_cannot_take_an_export_is_refused_before_any_work",
     "!golden/test_golden.py::test_a_mem_header_states_the_scale_of_any_fraction_width[[]*",
     "!golden/test_golden.py::test_a_layer_pattern_exports_only_those_operations",
     "models/test_models.py::test_model_builds_from_its_checkpoint_and_runs_one_batch[[]*",  # two stay quick:

@@ -125,6 +125,21 @@ def _tensor_name(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
     return node.name
 
 
+def check_destination(out: Path, rounding: str) -> None:
+    """Raise ConfigError where an export into the new folder ``out`` cannot be written, or would hold codes
+    that no rerun gives (stochastic rounding); the command calls it before any work."""
+    if rounding == "stochastic":
+        raise ConfigError("rounding=stochastic draws random numbers that golden vectors cannot hold; choose a deterministic rounding")
+    if out.exists():
+        raise ConfigError(f"export.out={out} exists; choose a new folder (an export is never written over another)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"export.out={out}: its folder cannot be made ({err.strerror}); choose a folder you can write to") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"export.out={out}: {out.parent} cannot be written; choose a folder you can write to")
+
+
 def export(network: QuantizedNetwork, images: torch.Tensor, out: Path, about: dict[str, Any], layers: str | None = None) -> dict[str, Any]:
     """Run ``network`` (calibrated) on ``images`` and write the golden vectors into ``out``; returns the manifest.
 
@@ -132,11 +147,8 @@ def export(network: QuantizedNetwork, images: torch.Tensor, out: Path, about: di
     exported (with the tensors they read). ``about``: what the manifest
     records of the run (model, dataset, settings, image indices).
     """
-    if network.settings.rounding == "stochastic":
-        raise ConfigError("rounding=stochastic draws random numbers that golden vectors cannot hold; choose a deterministic rounding")
     out = Path(out)
-    if out.exists():
-        raise ConfigError(f"export.out={out} exists; choose a new folder (an export is never written over another)")
+    check_destination(out, network.settings.rounding)
     gm = network.graph_module
     modules = dict(gm.named_modules())
     recorder = _Recorder(gm)

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from made_on_the_fly import random_network
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.settings import QuantSettings
 from fxpsweep.core.errors import ConfigError
-from fxpsweep.golden.export import export, mem_text
+from fxpsweep.golden.export import check_destination, export, mem_text
 from fxpsweep.core.rules import parse_rule
 
 # Replay with torch made unimportable: the checker needs numpy alone.
@@ -120,6 +122,21 @@ def test_a_mem_header_states_the_scale_of_any_fraction_width(frac: int, scale: s
     text = mem_text("conv1", np.array([[-1, 2]]), {"total_bits": 8, "frac_bits": frac, "rounding": "floor", "overflow": "wrap"}, "NC")
     assert f"8-bit two's complement, {scale}; floor, wrap" in text
     assert text.splitlines()[-2:] == ["ff", "02"]
+
+
+def test_a_destination_that_cannot_take_an_export_is_refused_before_any_work(tmp_path) -> None:
+    (tmp_path / "old").mkdir()
+    cases = [
+        (tmp_path / "old", "nearest_even", f"export.out={tmp_path / 'old'} exists; choose a new folder"),
+        (tmp_path / "new", "stochastic", "rounding=stochastic draws random numbers that golden vectors cannot hold"),
+        (Path("/proc/fxpsweep/golden"), "nearest_even", "export.out=/proc/fxpsweep/golden: its folder cannot be made"),
+    ]
+    for out, rounding, message in cases:
+        with pytest.raises(ConfigError) as err:
+            check_destination(out, rounding)
+        assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    check_destination(tmp_path / "new", "nearest_even")  # a new folder in a writable one is fine
+    assert not (tmp_path / "new").exists()
 
 
 def test_bad_export_settings(tmp_path) -> None:
