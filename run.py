@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -25,10 +26,6 @@ from fxpsweep.sweep.config import check_config, job_identity, plain_config
 from fxpsweep.sweep.job import run_job
 
 log = logging.getLogger("fxpsweep")
-
-
-class JobFailed(RuntimeError):
-    """A job of a sweep stopped on a configuration error; the other jobs go on."""
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -55,9 +52,11 @@ def main(cfg: DictConfig) -> dict | None:
         if cfg.dry_run is not True:  # a dry run writes nothing
             jobdir.record_failure(output_dir, identity, err)
         if isinstance(err, ConfigError):
-            # A user's mistake: say what is wrong and what is allowed, without a traceback.
+            # A user's mistake: say what is wrong and what is allowed, without a traceback. In a sweep the other
+            # jobs go on, and the end of the sweep prints the table and how many failed (sweep.callbacks).
             if multirun:
-                raise JobFailed(f"{name}: {err}") from None
+                print(f"fxpsweep: error: {name}: {err}", file=sys.stderr)
+                return None
             raise SystemExit(f"fxpsweep: error: {err}") from None
         raise
     finally:

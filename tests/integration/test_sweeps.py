@@ -46,7 +46,12 @@ def test_rerun_skips_finished_jobs_and_runs_only_what_is_missing(run_app, tmp_pa
 def test_a_failed_job_is_recorded_and_marked_while_the_others_finish(run_app, tmp_path) -> None:
     # resnet20_cifar10 cannot run on the digits: that job fails, the digits one finishes.
     proc = run_app("-m", "model=digits_cnn,resnet20_cifar10", "report_images=16", f"hydra.sweep.dir={tmp_path}")
-    assert proc.returncode != 0
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fxpsweep: error: ")]
+    assert len(errors) == 1 and errors[0].startswith("fxpsweep: error: model=resnet20_cifar10,report_images=16: ")
+    assert "choose a dataset of kind cifar10" in errors[0]  # one line, naming the job and what to do
+    assert "| resnet20_cifar10 |" in proc.stdout and "FAILED" in proc.stdout  # the sweep's table all the same
+    assert "1 job(s) of this sweep failed (model=resnet20_cifar10,report_images=16): each folder's error.json says why" in proc.stderr
     error = json.loads((tmp_path / "model=resnet20_cifar10,report_images=16" / "error.json").read_text())
     assert error["error_type"] == "ConfigError" and "choose a dataset of kind cifar10" in error["error"]
     assert "Traceback" in error["traceback"] and error["model"] == "resnet20_cifar10"
