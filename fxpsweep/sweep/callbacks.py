@@ -11,7 +11,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from fxpsweep.core.errors import ConfigError
 from fxpsweep.sweep import jobdir
+from fxpsweep.sweep.config import Folder
 from fxpsweep.sweep.aggregate import TABLE_STEM, write_tables
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,11 @@ class AggregateOnSweepEnd(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:  # before Hydra makes it, so that a folder no one can write to is one line, not a traceback
+            Folder(writable=True)("hydra.sweep.dir", str(config.hydra.sweep.dir))
+        except ConfigError as err:
+            print(f"fxpsweep: error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
         self.started = time.time() - 1.0  # error records written from now on are this sweep's (a second of clock skew)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -188,3 +188,10 @@ def test_an_unknown_key_or_a_malformed_precision_file_is_one_line(arg: str, mess
     with pytest.raises(ConfigError) as err:
         check_config(cfg)
     assert str(err.value) == message
+
+
+def test_a_sweep_folder_no_one_can_write_is_one_line_before_any_job(run_app) -> None:
+    proc = run_app("-m", "bits=4,8", "hydra.sweep.dir=/proc/fxpsweep/sweep")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "fxpsweep: error: hydra.sweep.dir=/proc/fxpsweep/sweep is not a folder fxpsweep can write to")
