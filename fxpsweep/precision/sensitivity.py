@@ -21,8 +21,6 @@ from fxpsweep.engine.ops import FixedClamp, FixedDot
 from fxpsweep.core.storage import atomic_write_bytes, atomic_write_text
 
 STEM = "sensitivity"
-
-
 REGISTER_KINDS = ("weight", "output")  # what a probe narrows: a conv/linear's weights, or a register's output
 
 
