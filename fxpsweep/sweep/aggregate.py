@@ -49,7 +49,7 @@ def load_results(sweep_dirs: Iterable[str | Path]) -> pd.DataFrame:
     be read is left out, with a warning.
     """
     rows = []
-    folders = {p.parent for d in sweep_dirs for name in set(RECORD_FILES.values()) | {jobdir.RESULT_FILE} for p in Path(d).rglob(name)}
+    folders = {p.parent for d in sweep_dirs for name in set(RECORD_FILES.values()) for p in Path(d).rglob(name)}
     for folder in sorted(folders):
         state = jobdir.status(folder)
         path = folder / RECORD_FILES[state]
