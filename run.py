@@ -19,10 +19,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fxpsweep.core.errors import ConfigError
+from fxpsweep.core.errors import ConfigError, one_line_errors
 from fxpsweep.sweep import jobdir
 from fxpsweep.sweep.aggregate import accuracy_table, load_results
-from fxpsweep.sweep.config import check_config, job_identity, plain_config
+from fxpsweep.sweep.config import check_config, check_config_files, job_identity, plain_config
 from fxpsweep.sweep.job import run_job
 
 log = logging.getLogger("fxpsweep")
@@ -90,4 +90,6 @@ def _widths(result: dict) -> str:
 
 
 if __name__ == "__main__":
+    with one_line_errors():  # before Hydra reads them
+        check_config_files(sys.argv[1:])
     main()

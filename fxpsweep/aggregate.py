@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fxpsweep.core.errors import ConfigError
 from fxpsweep.sweep.aggregate import load_results, replace_between_markers, write_tables
+from fxpsweep.sweep.config import Folder
 from fxpsweep.core.storage import atomic_write_text
 
 
@@ -26,15 +28,24 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"not a folder: {', '.join(missing)}")
     if (args.readme is None) != (args.marker is None):
         parser.error("--readme and --marker go together")
+    readme = None
+    try:
+        if args.readme is not None:  # checked before anything is written
+            readme = args.readme.read_text()
+            replace_between_markers(readme, args.marker, "")
+        Folder(writable=True)("--out", str(args.out or args.sweep_dirs[0]))
+    except (OSError, ValueError) as err:
+        parser.error(f"--readme {args.readme}: {getattr(err, 'strerror', None) or err}")
+    except ConfigError as err:
+        parser.error(str(err))
+    if load_results(args.sweep_dirs).empty:
+        parser.error(f"no job folders (result.json, error.json or job.json) under {', '.join(map(str, args.sweep_dirs))}; "
+                     "give the folder a run or sweep wrote")
     table = write_tables(args.sweep_dirs, args.out or args.sweep_dirs[0])
     markdown = table.to_markdown(index=False) if not table.empty else "no results found"
     print(markdown)
-    if args.readme is not None:
-        try:
-            text = replace_between_markers(args.readme.read_text(), args.marker, markdown)
-        except (OSError, ValueError) as err:
-            parser.error(f"{args.readme}: {err}")
-        atomic_write_text(args.readme, text)
+    if readme is not None:
+        atomic_write_text(args.readme, replace_between_markers(readme, args.marker, markdown))
         print(f"rewrote the {args.marker!r} table in {args.readme}")
     failed = int((load_results(args.sweep_dirs).status != "done").sum())
     if failed:

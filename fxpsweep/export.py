@@ -10,6 +10,7 @@ datapath setting); see ``fxpsweep.golden.export`` for what the folder holds.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fxpsweep.core.errors import ConfigError, one_line_errors
 from fxpsweep.golden.export import check_destination, export
-from fxpsweep.sweep.config import check_config, rule_texts
+from fxpsweep.sweep.config import check_config, check_config_files, rule_texts
 from fxpsweep.sweep.job import calibrated_network
 
 
@@ -57,4 +58,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    with one_line_errors():  # before Hydra reads them
+        check_config_files(sys.argv[1:])
     main()

@@ -15,6 +15,7 @@ quantization jobs look for it:
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
 import hydra
@@ -26,10 +27,11 @@ from torchvision import transforms
 
 from fxpsweep.data.preprocess import Transformed
 from fxpsweep.data.splits import cifar_images
-from fxpsweep.core.errors import ConfigError
+from fxpsweep.core.errors import ConfigError, one_line_errors
 from fxpsweep.models.cifar_transfer import cifar_transform, imagenet_initialised
 from fxpsweep.core.progress import progress
 from fxpsweep.engine.evaluate import predict
+from fxpsweep.sweep.config import check_config, check_config_files
 from fxpsweep.sweep.job import resolve_device  # and with it the job schema Hydra composes (fxpsweep.sweep.config)
 from fxpsweep.core.storage import atomic_torch_save
 
@@ -96,11 +98,12 @@ def finetune(cfg: DictConfig) -> float:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
+        check_config(cfg)
         finetune(cfg)
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":
+    with one_line_errors():  # before Hydra reads them
+        check_config_files(sys.argv[1:])
     main()

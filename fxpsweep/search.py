@@ -13,6 +13,7 @@ folder per evaluation under ``jobs/`` (a rerun skips finished ones). See
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from fxpsweep.core.errors import ConfigError, one_line_errors
 from fxpsweep.precision.report import write_search_report
 from fxpsweep.precision.search import SearchSettings, search
 from fxpsweep.sweep import jobdir
-from fxpsweep.sweep.config import check_config, job_identity
+from fxpsweep.sweep.config import check_config, check_config_files, job_identity
 from fxpsweep.sweep.job import run_job
 from fxpsweep.core.storage import atomic_write_json, atomic_write_text
 
@@ -100,4 +101,6 @@ def rerun_command(cfg: DictConfig, out: Path) -> str:
 
 
 if __name__ == "__main__":
+    with one_line_errors():  # before Hydra reads them
+        check_config_files(sys.argv[1:])
     main()

@@ -21,8 +21,8 @@ from omegaconf import DictConfig
 
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.core.errors import ConfigError, one_line_errors
-from fxpsweep.precision.sensitivity import REGISTER_KINDS, probes, sensitivity_table, write_report
-from fxpsweep.sweep.config import Choices, Folder, WordLength, check_config, quant_settings
+from fxpsweep.precision.sensitivity import probes, sensitivity_table, write_report
+from fxpsweep.sweep.config import check_config, check_config_files, quant_settings
 from fxpsweep.sweep.job import build
 
 RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
@@ -35,9 +35,6 @@ def check_study(cfg: DictConfig, multirun: bool = False) -> None:
     check_config(cfg)
     if cfg.probe is not None:
         raise ConfigError("probe is set by the study itself, one per job; leave it out")
-    WordLength()("sensitivity.probe_bits", cfg.sensitivity.probe_bits)
-    Choices(REGISTER_KINDS)("sensitivity.registers", cfg.sensitivity.registers)
-    Folder(writable=True)("sensitivity.out", cfg.sensitivity.out)
 
 
 def study(cfg: DictConfig) -> None:
@@ -66,4 +63,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    with one_line_errors():  # before Hydra reads them
+        check_config_files(sys.argv[1:])
     main()

@@ -114,6 +114,8 @@ def fetch_file(path: str | Path, url: str | None, how_else: str) -> Path:
     path = Path(path).expanduser()
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a file; {how_else}")
     if not url:
         raise ConfigError(f"{path} does not exist and no download URL is configured; {how_else}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,10 +126,19 @@ def fetch_file(path: str | Path, url: str | None, how_else: str) -> Path:
         torch.hub.download_url_to_file(url, str(path), hash_prefix=match.group(1) if match else None, progress=sys.stderr.isatty())
     except Exception as err:  # URLError, HTTPError, hash mismatch, disk full: all mean "not here"
         raise ConfigError(
-            f"{path} is missing and could not be downloaded from {url} ({type(err).__name__}: {err}); "
+            f"{path} is missing and could not be downloaded from {url} ({type(err).__name__}: {_first_line(err)}); "
             f"on a machine without internet, download that URL elsewhere and copy the file to {path}; {how_else}"
         ) from None
     return path
+
+
+def _first_line(err: BaseException) -> str:
+    """An exception's message in one line: torch.load's weights-only failure by what it could not read (its
+    advice about ``weights_only=False`` does not apply to a file that is no checkpoint), others by their first line."""
+    text = str(err).strip()
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    return (text.splitlines() or [""])[0]
 
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -138,6 +149,15 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"checkpoint {path} does not exist") from None
     except Exception as err:  # unpickling raises many types; all mean "not a usable checkpoint"
         raise ConfigError(
-            f"checkpoint {path} is corrupt or not a torch state dict ({type(err).__name__}: {err}); "
+            f"checkpoint {path} is corrupt or not a torch state dict ({type(err).__name__}: {_first_line(err)}); "
             "delete it so that it is downloaded or trained again"
         ) from None
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The JSON object in the record file ``path``; None where it is missing, unreadable or not a JSON object."""
+    try:
+        record = json.loads(path.read_bytes())
+    except (OSError, ValueError):  # ValueError: broken JSON or text that is not UTF-8
+        return None
+    return record if isinstance(record, dict) else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
@@ -32,6 +33,29 @@ class DataSplits:
     # The images are already resized and cropped to the network's input (the original
     # tool's val224 pickle): only the tensor steps of a model's transform apply.
     presized: bool = False
+
+
+def labels_of(images: Dataset) -> np.ndarray | None:
+    """The label of every image of ``images`` without decoding any (None where the dataset keeps them elsewhere)."""
+    if isinstance(images, Subset):
+        inner = labels_of(images.dataset)
+        return None if inner is None else inner[np.asarray(images.indices, dtype=np.int64)]
+    if isinstance(images, TensorDataset):
+        return images.tensors[1].numpy()
+    labels = getattr(images, "labels", getattr(images, "targets", None))
+    return None if labels is None else np.asarray(labels)
+
+
+def check_labels(images: Dataset, classes: int, model: str) -> None:
+    """Refuse evaluation images whose label the model cannot score (a class index beyond its outputs)."""
+    labels = labels_of(images)
+    outside = (labels < 0) | (labels >= classes) if labels is not None else np.zeros(0, bool)
+    if outside.any():
+        bad = int(np.argmax(outside))
+        raise ConfigError(
+            f"dataset: evaluation image {bad} has label {int(labels[bad])}, beyond the {classes} classes of model={model} "
+            f"(labels 0..{classes - 1}); choose a model of this dataset's classes"
+        )
 
 
 EVAL_SUBSETS = ("first", "random")
@@ -167,8 +191,6 @@ class NpzImages(Dataset):
     def __init__(self, path: str | Path) -> None:
         import zipfile
 
-        import numpy as np
-
         wanted = "give an .npz file with arrays x (N, H, W, 3) uint8 and y (N) integer labels"
         if Path(path).is_dir():
             raise ConfigError(f"dataset.path={path} is a folder; {wanted}")
@@ -212,12 +234,16 @@ class ImageList(Dataset):
             if not line.strip():
                 continue
             name, _, label = line.rpartition(",")
-            if not name:
-                raise ConfigError(f"{self.root / list_file}:{number}: expected 'path, label', got {line!r}")
+            if not name or not label.strip().isdigit():
+                raise ConfigError(f"{self.root / list_file}:{number}: expected 'path, label' (a label >= 0), got {line!r}")
             self.items.append((name.strip(), int(label)))
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self.items]
 
     def __getitem__(self, index: int):
         from PIL import Image

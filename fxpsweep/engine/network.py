@@ -270,6 +270,7 @@ class QuantizedNetwork(nn.Module):
         # Clamps keep their input's format: no register of their own for a rule to set.
         self.layer_bits = resolve(rules or [], {op.name: isinstance(op, FixedDot) for op in self.ops if not isinstance(op, FixedClamp)})
         self.weight_format_sources: set[str] = set()
+        self._check_exact_range()
         chooser = KernelChooser(cache_dir)
         for op in self.ops:
             if isinstance(op, FixedDot):
@@ -281,6 +282,45 @@ class QuantizedNetwork(nn.Module):
         gm.add_submodule(attr, op)
         self.ops.append(op)
         return attr
+
+    def _check_exact_range(self) -> None:
+        """Refuse, before any image is read, word lengths whose exact conv/linear sums could pass ``2**53``.
+
+        For any weights and inputs of its formats, a layer of ``K`` products of an
+        ``A``-bit input code and a ``W``-bit weight code sums up to ``K * 2**(A-1) *
+        2**(W-1)``; with ``product_bits`` or a saturating ``acc_bits`` (one product at
+        a time) only a product must stay below ``2**53``. ``arithmetic=fast`` is not
+        exact anyway and is not checked. After calibration each layer checks its own
+        codes again (``FixedDot.finalize``).
+        """
+        if self.settings.arithmetic != "exact":
+            return
+        modules = dict(self.graph_module.named_modules())
+
+        def input_bits(node: torch.fx.Node) -> int:
+            while True:  # up to the register that holds the input codes (clamps keep their input's)
+                node = _tensor_inputs(node)[0]
+                op = modules.get(node.target) if node.op == "call_module" else None
+                if isinstance(op, FixedOp) and not isinstance(op, FixedClamp):
+                    return self.settings_for(op).fwd_bits
+
+        for node in self.graph_module.graph.nodes:
+            op = modules.get(node.target) if node.op == "call_module" else None
+            if not isinstance(op, FixedDot):
+                continue
+            s = self.settings_for(op)
+            a_bits, w_bits = input_bits(node), s.param_bits
+            one_at_a_time = s.product_bits is not None or (s.acc_bits is not None and s.acc_overflow == "saturate")
+            terms = 1 if one_at_a_time else op.module.weight[0].numel()
+            log2_bound = a_bits - 1 + w_bits - 1 + math.log2(terms)
+            if log2_bound >= 53:
+                widest = math.ceil(55 - math.log2(terms)) - 1  # the largest A + W with a bound below 2**53
+                raise ConfigError(
+                    f"param_bits={w_bits}, fwd_bits={a_bits}: layer {op.name!r} sums {terms} products of {a_bits}-bit "
+                    f"inputs and {w_bits}-bit weights, up to 2**{log2_bound:.1f}, beyond the 2**53 that fxpsweep "
+                    f"simulates exactly; allowed there: param_bits + fwd_bits <= {widest} (or arithmetic=fast, or "
+                    "acc_bits with acc_overflow=saturate)"
+                )
 
     @torch.no_grad()
     def observe(self, batches: Iterable[torch.Tensor], seed: int = 0) -> dict[str, TensorStats]:

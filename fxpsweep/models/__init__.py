@@ -20,3 +20,9 @@ class PretrainedModel:
     module: nn.Module
     transform: Callable | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def classes(self) -> int:
+        """How many classes the network scores: the outputs of its last conv/linear layer."""
+        last = [m for m in self.module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+        return last.out_features if isinstance(last, nn.Linear) else last.out_channels

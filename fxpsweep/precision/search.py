@@ -111,7 +111,7 @@ class Evaluation:
 
 @dataclass
 class SearchSettings:
-    """``search.*`` of the config, checked."""
+    """``search.*`` of the config (checked by its schema, ``fxpsweep.sweep.config.SearchConfig``)."""
 
     tolerance: float
     confidence: float
@@ -123,23 +123,6 @@ class SearchSettings:
     activation_bits: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) or self.tolerance <= 0:
-            raise ConfigError(f"search.tolerance={self.tolerance!r} must be a positive number of top-1 points")
-        if isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float)) or not 0.5 <= self.confidence < 1:
-            raise ConfigError(f"search.confidence={self.confidence!r} must be a probability from 0.5 (no bound: the measured drop) to below 1")
-        a = self.activation_bits
-        if a is not None and (isinstance(a, bool) or not isinstance(a, int) or not 2 <= a <= 32):
-            raise ConfigError(f"search.activation_bits={a!r} must be null (activations take the weights' uniform width) or a word length from 2 to 32")
-        for key in ("widths", "holdout_widths"):
-            values = getattr(self, key)
-            if not values or any(isinstance(w, bool) or not isinstance(w, int) or not 2 <= w <= 32 for w in values):
-                raise ConfigError(f"search.{key}={values!r} must be a list of word lengths, integers from 2 to 32")
-        if self.cost not in COSTS:
-            raise ConfigError(f"search.cost={self.cost!r} is unknown; allowed: {', '.join(COSTS)}")
-        if isinstance(self.probe_images, bool) or not isinstance(self.probe_images, int) or self.probe_images < 1:
-            raise ConfigError(f"search.probe_images={self.probe_images!r} must be a positive number of images")
-        if isinstance(self.polish_evaluations, bool) or not isinstance(self.polish_evaluations, int) or self.polish_evaluations < 0:
-            raise ConfigError(f"search.polish_evaluations={self.polish_evaluations!r} must be a whole number >= 0")
         self.widths = sorted(set(self.widths))
         self.holdout_widths = sorted(set(self.holdout_widths))
 

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
 
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.ops import FixedClamp, FixedDot
-from fxpsweep.core.storage import atomic_write_bytes, atomic_write_text
+from fxpsweep.core.errors import ConfigError
+from fxpsweep.core.storage import atomic_write_bytes, atomic_write_text, read_record
 
 STEM = "sensitivity"
+log = logging.getLogger(__name__)
+
 REGISTER_KINDS = ("weight", "output")  # what a probe narrows: a conv/linear's weights, or a register's output
 
 
@@ -46,13 +50,22 @@ def _literal(name: str) -> str:
 
 def sensitivity_table(sweep_dir: Path) -> pd.DataFrame:
     """One row per probe of the study in ``sweep_dir``: layer, register, probe bits, top-1, drop, output SQNR."""
-    paths = {p: json.loads(p.read_text()) for p in sweep_dir.rglob("result.json")}
+    records = {p: read_record(p) for p in sorted(sweep_dir.rglob("result.json"))}
+    damaged = [p for p, r in records.items() if r is None or "probe" not in r.get("config", {})]
+    if damaged:
+        log.warning("left out %d damaged result.json (rerun the study to redo them): %s", len(damaged), ", ".join(map(str, damaged[:3])))
+    paths = {p: r for p, r in records.items() if p not in damaged}
     reference = [p for p, r in paths.items() if r["config"]["probe"] is None]
-    if len(reference) != 1:
-        raise ValueError(f"{sweep_dir}: expected one reference job (probe=null), found {len(reference)}")
+    try:
+        formats = json.loads((reference[0].parent / "formats.json").read_bytes()) if len(reference) == 1 else None
+    except (OSError, ValueError):
+        formats = None
+    if not isinstance(formats, list):
+        raise ConfigError(f"{sweep_dir}: no readable result of the reference job (probe=null) with its formats.json, "
+                          "so no drop to measure; see its error.json, and rerun the study")
     ref = paths[reference[0]]
-    # Network order, from the reference's formats.json (a list; result.json's dicts are sorted by name).
-    order = list(dict.fromkeys(f["layer"] for f in json.loads((reference[0].parent / "formats.json").read_text())))
+    # Network order, from the reference's formats.json (result.json's dicts are sorted by name).
+    order = list(dict.fromkeys(f["layer"] for f in formats))
     results = list(paths.values())
     rows = []
     for r in results:

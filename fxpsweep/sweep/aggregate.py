@@ -24,7 +24,7 @@ import pandas as pd
 
 from fxpsweep.sweep import jobdir
 from fxpsweep.sweep.config import identity_keys
-from fxpsweep.core.storage import atomic_write_bytes, atomic_write_text
+from fxpsweep.core.storage import atomic_write_bytes, atomic_write_text, read_record
 
 TABLE_STEM = "bits_vs_accuracy"
 COST_STEM = "bits_vs_cost"
@@ -53,7 +53,7 @@ def load_results(sweep_dirs: Iterable[str | Path]) -> pd.DataFrame:
     for folder in sorted(folders):
         state = jobdir.status(folder)
         path = folder / RECORD_FILES[state]
-        row = jobdir.read_record(path)
+        row = read_record(path)
         if state == "damaged" or row is None:
             log.warning("%s: %s is damaged (not a JSON object); %s", folder, jobdir.RESULT_FILE if state == "damaged" else path.name,
                         "shown as DAMAGED; a rerun of the sweep runs it again" if row is not None else "left out of the table")

@@ -1,4 +1,4 @@
-"""A job's configuration, declared once: every key's type, default, check and meaning.
+"""A job's configuration, and each command's own section, declared once: every key's type, default, check and meaning.
 
 ``JobConfig`` is the schema. Everything else about a key is derived from its
 field: the defaults Hydra composes (registered with ``ConfigStore`` as
@@ -6,7 +6,9 @@ field: the defaults Hydra composes (registered with ``ConfigStore`` as
 check ``check_config`` runs before any work, the fixed-point settings
 (``quant_settings``: the fields with a ``setting``), the job identity that
 names a result's row and column (``job_identity``), and the key table of
-``docs/configuration.md`` (``markdown_rows``).
+``docs/configuration.md`` (``markdown_rows``). The other commands' sections
+(``SearchConfig`` for ``search.*``, ...) are schemas of the same kind, in the
+same tables and checks.
 
 Hydra gets the keys and defaults, not the types: OmegaConf's own type check
 would answer ``bits=eight`` with a message of its own over several lines, and
@@ -24,6 +26,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +43,8 @@ from fxpsweep.core.rules import Rule, parse_rule
 from fxpsweep.data.splits import EVAL_SPLITS, EVAL_SUBSETS
 from fxpsweep.engine.calibration import GRANULARITIES, METHODS
 from fxpsweep.engine.settings import ARITHMETIC_MODES, BATCHNORM_MODES, WEIGHT_ROUNDINGS, QuantSettings
+from fxpsweep.precision.search import COSTS
+from fxpsweep.precision.sensitivity import REGISTER_KINDS
 
 SEED_LIMIT = 2**63  # torch.manual_seed takes seeds below this
 
@@ -169,10 +174,71 @@ class Flag:
 
 
 @dataclass(frozen=True)
+class Real:
+    """A number from ``minimum`` (excluded where ``open_below``) to below ``limit`` where one is given."""
+
+    minimum: float
+    must: str  # what the message says it must be: "a positive number of top-1 points"
+    open_below: bool = True
+    limit: float | None = None
+    kind = "float"
+
+    def allowed(self) -> str:
+        if self.limit is None:
+            return f"{'>' if self.open_below else '>='} {self.minimum:g}"
+        return f"{'(' if self.open_below else '['}{self.minimum:g}, {self.limit:g})"
+
+    def __call__(self, key: str, value: Any) -> None:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float))
+        ok = ok and (value > self.minimum if self.open_below else value >= self.minimum)
+        if not ok or (self.limit is not None and value >= self.limit):
+            raise ConfigError(f"{key}={value!r} must be {self.must}")
+
+
+@dataclass(frozen=True)
+class WordLengths:
+    """A list of one or more word lengths."""
+
+    kind = "list of int"
+
+    def allowed(self) -> str:
+        return f"a list of {MIN_BITS}..{MAX_BITS}"
+
+    def __call__(self, key: str, value: Any) -> None:
+        if (isinstance(value, str) or not isinstance(value, Sequence) or not value
+                or any(isinstance(w, bool) or not isinstance(w, int) or not MIN_BITS <= w <= MAX_BITS for w in value)):
+            shown = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
+            raise ConfigError(f"{key}={shown!r} must be a list of word lengths, integers from {MIN_BITS} to {MAX_BITS}")
+
+
+@dataclass(frozen=True)
+class Name:
+    """A name that is also a file name (no ``/``), or with ``optional``, ``null``; with ``pattern``, a glob."""
+
+    optional: bool = False
+    pattern: bool = False
+
+    @property
+    def kind(self) -> str:
+        return ("glob" if self.pattern else "str") + (" or null" if self.optional else "")
+
+    def allowed(self) -> str:
+        return ("a glob over operation names" if self.pattern else "a name without `/`") + (", or `null`" if self.optional else "")
+
+    def __call__(self, key: str, value: Any) -> None:
+        if self.optional and value is None:
+            return
+        if not isinstance(value, str) or not value or (not self.pattern and ("/" in value or "\0" in value)):
+            raise ConfigError(f"{key}={value!r} must be {self.allowed().replace('`', '')}")
+
+
+@dataclass(frozen=True)
 class Folder:
-    """A folder path; where ``writable``, one that exists or can be made, and can be written."""
+    """A folder path; where ``writable``, one that exists or can be made, and can be written (with
+    ``subfolders``, the folders already in it too: a cache's kinds, written by later steps of a job)."""
 
     writable: bool = False
+    subfolders: bool = False
     kind = "path"
 
     def allowed(self) -> str:
@@ -190,6 +256,10 @@ class Folder:
                 pass
         except OSError as err:
             raise ConfigError(f"{key}={value} is not a folder fxpsweep can write to ({err.strerror}); give a writable folder") from None
+        for sub in sorted(path.iterdir()) if self.subfolders else []:
+            if sub.is_dir() and not os.access(sub, os.W_OK | os.X_OK):
+                raise ConfigError(f"{key}={value}: its folder {sub.name}/ cannot be written; give a folder fxpsweep can write "
+                                  "to throughout, or make it writable")
 
 
 @dataclass(frozen=True)
@@ -215,7 +285,10 @@ def key(default: Any, check: Check, doc: str, *, setting: str | None = None, nam
     ``setting``: the ``QuantSettings`` field it sets (also its column in results). ``names_job``: part of
     ``job_identity`` (under its own name) though not a setting.
     """
-    return field(default=default, metadata={"check": check, "doc": doc, "setting": setting, "names_job": names_job})
+    metadata = {"check": check, "doc": doc, "setting": setting, "names_job": names_job}
+    if isinstance(default, list):  # a fresh list for each instance
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -273,7 +346,7 @@ class JobConfig:
     seed: int = key(0, Whole(0, SEED_LIMIT, "2**63 - 1"), "picks the calibration images; seeds stochastic rounding",
                     setting="seed")
     report_images: int = key(256, Whole(0), "evaluation images for the per-layer SQNR in `layers.md`, 0 for none")
-    cache_dir: str = key('${oc.env:FXPSWEEP_CACHE,"~/.cache/fxpsweep"}', Folder(writable=True),
+    cache_dir: str = key('${oc.env:FXPSWEEP_CACHE,"~/.cache/fxpsweep"}', Folder(writable=True, subfolders=True),
                          "images, calibration statistics, float predictions, weight formats, kernel choices")
     dry_run: bool = key(False, Flag(), "list the sweep's jobs and whether each is done, damaged, failed, incomplete or new; run nothing")
     data_dir: str = key("${oc.env:FXPSWEEP_DATA,../shared/data}", Folder(),
@@ -281,6 +354,66 @@ class JobConfig:
 
 
 ConfigStore.instance().store(name="job_schema", node=dataclasses.asdict(JobConfig()))
+
+
+# The keys each command adds in its own section (``search.*``, ...), declared here like the job's and checked
+# by ``check_config`` wherever the section is composed (the command's YAML file puts the schema in its
+# defaults list and holds no values of its own here).
+
+@dataclass
+class SearchConfig:
+    """``search.*``: the minimum-bits search (``python -m fxpsweep.search``, docs/precision.md)."""
+
+    tolerance: float = key(1.0, Real(0, "a positive number of top-1 points"), "top-1 points below float allowed")
+    confidence: float = key(0.9, Real(0.5, "a probability from 0.5 (no bound: the measured drop) to below 1", open_below=False, limit=1),
+                            "passes where this one-sided bound on the paired top-1 drop is within the tolerance")
+    activation_bits: int | None = key(None, WordLength(optional=True), "every activation register at this width, weights "
+                                      "searched (`null`: activations take the weights' uniform width)")
+    widths: list = key(list(range(2, 17)), WordLengths(), "word lengths a register may get")
+    holdout_widths: list = key(list(range(2, 17)), WordLengths(), "uniform widths judged beside the answer")
+    cost: str = key("weight_memory", Choice(tuple(COSTS)), "what the answer minimizes")
+    probe_images: int = key(256, Count(), "search images per sensitivity probe")
+    polish_evaluations: int = key(40, Whole(0), "at most this many single-knob narrowings tried after the allocations")
+    name: str = key("${model.name}-${dataset.name}-tol${search.tolerance}-${search.cost}-${calibration.weight_rounding}", Name(),
+                    "the answer's precision option (`precision/NAME.yaml`)")
+    out: str = key("multirun/search/${search.name}", Folder(writable=True), "its evaluations, report and precision file")
+
+
+@dataclass
+class SensitivityConfig:
+    """``sensitivity.*``: the per-register sensitivity study (``python -m fxpsweep.sensitivity``)."""
+
+    probe_bits: int = key(4, WordLength(), "the width of the one register each probe narrows")
+    registers: list = key(["weight", "output"], Choices(REGISTER_KINDS), "what probes narrow: conv/linear weights, every register's output")
+    out: str = key("multirun/sensitivity/${model.name}-${dataset.name}-${bits}bit-probe${sensitivity.probe_bits}", Folder(writable=True),
+                   "its jobs, table and plot")
+
+
+@dataclass
+class ExportConfig:
+    """``export.*``: golden vectors (``python -m fxpsweep.export``, docs/golden-vectors.md)."""
+
+    n_images: int = key(1, Count(), "the first N evaluation images")
+    layers: str | None = key(None, Name(optional=True, pattern=True), "export only the operations this glob matches "
+                             "(with the tensors they read; `null`: all)")
+    out: str = key("golden/${model.name}-${dataset.name}-${bits}bit", Folder(), "a new folder (an export is never written over another)")
+
+
+@dataclass
+class FinetuneConfig:
+    """``finetune.*``: training a CIFAR transfer model (``python -m fxpsweep.finetune``)."""
+
+    epochs: int = key(3, Whole(1), "passes over the training images")
+    lr: float = key(0.01, Real(0, "a positive learning rate"), "peak learning rate, cosine-annealed to 0 over all steps")
+    momentum: float = key(0.9, Fraction(), "SGD momentum")
+    weight_decay: float = key(5e-4, Real(0, "a number >= 0", open_below=False), "SGD weight decay")
+    batch_size: int = key(64, Whole(1), "training images per step")
+    train_limit: int | None = key(None, Count(optional=True), "train on the first N training images (`null`: all)")
+
+
+COMMAND_SCHEMAS = {"search": SearchConfig, "sensitivity": SensitivityConfig, "export": ExportConfig, "finetune": FinetuneConfig}
+for _section, _schema in COMMAND_SCHEMAS.items():
+    ConfigStore.instance().store(name=f"{_section}_schema", node={_section: dataclasses.asdict(_schema())})
 
 
 def schema_keys(schema: type = JobConfig, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
@@ -295,7 +428,6 @@ def schema_keys(schema: type = JobConfig, prefix: str = "") -> list[tuple[str, d
 
 
 GROUPS = ("model", "dataset", "device", "precision")  # the config groups; their options hold their own keys
-COMMAND_SECTIONS = ("search", "sensitivity", "export", "finetune")  # what the other commands add, checked by them
 PRECISION_KEYS = ("name", "rules")
 
 
@@ -310,11 +442,16 @@ def _known_keys(cfg: DictConfig, where: str, known: list[str], hint: str = "") -
 def check_keys(cfg: DictConfig) -> None:
     """Raise ConfigError for a key no schema declares (a misspelt key in a precision file, ``+key=...``) and for a
     precision option without its ``name`` and ``rules``."""
-    top = list(dict.fromkeys(name.split(".")[0] for name, _ in schema_keys())) + [*GROUPS, *COMMAND_SECTIONS]
+    top = list(dict.fromkeys(name.split(".")[0] for name, _ in schema_keys())) + [*GROUPS, *COMMAND_SCHEMAS]
     _known_keys(cfg, "", top)
     for f in dataclasses.fields(JobConfig):
         if "check" not in f.metadata:  # a section of keys (calibration.*)
             _known_keys(cfg[f.name], f"{f.name}.", [g.name for g in dataclasses.fields(f.default_factory)])
+    for section, schema in COMMAND_SCHEMAS.items():
+        if section in cfg:
+            _known_keys(cfg[section], f"{section}.", [g.name for g in dataclasses.fields(schema)])
+            if any(g.name not in cfg[section] for g in dataclasses.fields(schema)):  # given to another command
+                raise ConfigError(f"{section}.* are the keys of python -m fxpsweep.{section}; this command takes none of them")
     precision = cfg.get("precision")
     if not isinstance(precision, DictConfig):
         raise ConfigError(f"precision={precision!r} must be a precision option: a file with `name:` and `rules:` (docs/precision.md)")
@@ -327,11 +464,48 @@ def check_keys(cfg: DictConfig) -> None:
         raise ConfigError(f"precision.name={precision.name!r} must be a name")
 
 
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the config groups every command composes from
+
+
+def check_config_files(args: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
+    """Raise ConfigError for a config file that an override chooses (``precision=NAME``, in ``conf_dir`` or a
+    ``--config-dir``) and that is not valid YAML; Hydra would stop on it with a parser's traceback."""
+    import yaml
+
+    dirs, overrides = [conf_dir], []
+    for i, arg in enumerate(args):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(args):
+            dirs.append(Path(args[i + 1]).expanduser())
+        elif arg.startswith("--config-dir="):
+            dirs.append(Path(arg.partition("=")[2]).expanduser())
+        elif "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+    for override in overrides:
+        group, _, names = override.partition("=")
+        group = group.lstrip("+~")
+        for name in names.split(","):  # a sweep's list of options
+            for file in (d / group / f"{name.strip()}.yaml" for d in dirs):
+                if not file.is_file():
+                    continue
+                try:
+                    yaml.safe_load(file.read_text())
+                except (yaml.YAMLError, UnicodeDecodeError) as err:
+                    mark = getattr(err, "problem_mark", None)
+                    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                    raise ConfigError(f"{group}={name.strip()}: {file} is not valid YAML ({problem}{where}); "
+                                      "fix the file (docs/configuration.md)") from None
+
+
 def check_config(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first bad value of a job's config, before any work."""
+    """Raise ConfigError for the first bad value of a command's config (a job's keys and, where composed, the
+    command's own section), before any work."""
     check_keys(cfg)
     for name, f in schema_keys():
         f.metadata["check"](name, OmegaConf.select(cfg, name))
+    for section, schema in COMMAND_SCHEMAS.items():  # a command's own section, where it is composed
+        for name, f in schema_keys(schema, f"{section}.") if section in cfg else []:
+            f.metadata["check"](name, OmegaConf.select(cfg, name))
     precision_rules(cfg)  # each rule parses; whether it matches a layer is known once the model is built
     keeps_freed_memory(cfg)
     if cfg.arithmetic == "fast" and cfg.kernel != "auto":
@@ -401,26 +575,33 @@ def keeps_freed_memory(cfg: DictConfig) -> bool:
     return keep
 
 
-DOCS_MARKER = "job-keys"  # docs/configuration.md's key table sits between <!-- job-keys --> and <!-- /job-keys -->
+DOCS_MARKERS = ("job-keys", "command-keys")  # docs/configuration.md's key tables sit between <!-- NAME --> and <!-- /NAME -->
 
 
-def markdown_rows() -> list[str]:
-    """The rows of docs/configuration.md's key table: key, type, default, allowed values, meaning."""
+def markdown_rows(marker: str = "job-keys") -> list[str]:
+    """The rows of one of docs/configuration.md's key tables (a job's keys, or the commands' sections): key, type,
+    default, allowed values, meaning."""
+    keys = schema_keys() if marker == "job-keys" else [k for section, schema in COMMAND_SCHEMAS.items()
+                                                        for k in schema_keys(schema, f"{section}.")]
     rows = []
-    for name, f in schema_keys():
+    for name, f in keys:
         check = f.metadata["check"]
         default = "null" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else f.default
+        if f.default is dataclasses.MISSING:
+            default = f.default_factory()
         rows.append(f"| `{name}` | {check.kind} | `{default}` | {check.allowed()} | {f.metadata['doc']} |")
     return rows
 
 
 def write_docs_table(path: Path) -> None:
-    """Rewrite the key table between ``DOCS_MARKER``'s markers in ``path`` from the schema."""
+    """Rewrite the key tables between ``DOCS_MARKERS``' markers in ``path`` from the schemas."""
     text = path.read_text()
-    start, end = f"<!-- {DOCS_MARKER} -->\n", f"<!-- /{DOCS_MARKER} -->"
-    head, rest = text.split(start, 1)
-    table = "| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n" + "\n".join(markdown_rows()) + "\n"
-    path.write_text(head + start + table + end + rest.split(end, 1)[1])
+    for marker in DOCS_MARKERS:
+        start, end = f"<!-- {marker} -->\n", f"<!-- /{marker} -->"
+        head, rest = text.split(start, 1)
+        table = "| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n" + "\n".join(markdown_rows(marker)) + "\n"
+        text = head + start + table + end + rest.split(end, 1)[1]
+    path.write_text(text)
 
 
 if __name__ == "__main__":  # python -m fxpsweep.sweep.config docs/configuration.md

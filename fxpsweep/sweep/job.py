@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Subset
 
 import fxpsweep
 from fxpsweep.data.preprocess import prepare, subset_key
-from fxpsweep.data.splits import DataSplits
+from fxpsweep.data.splits import DataSplits, check_labels
 from fxpsweep.backends.host_memory import freed_memory_kept
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.report import layer_sqnr, layer_table
@@ -103,11 +103,11 @@ def calibrated_network(cfg: DictConfig) -> CalibratedNetwork:
     )
     evaluation_images = subset_key(splits.evaluation)
     model: PretrainedModel = build(cfg.model.build)
-    dataset_config = OmegaConf.to_container(cfg.dataset, resolve=True)
-    splits = prepare(splits, model.transform, dataset_config, cfg.cache_dir if cfg.image_cache else None)
-
+    check_labels(splits.evaluation, model.classes, cfg.model.name)
     model.module.to(device)
     quant_model = QuantizedNetwork(model.module, settings, cfg.cache_dir, precision_rules(cfg)).to(device)
+    dataset_config = OmegaConf.to_container(cfg.dataset, resolve=True)
+    splits = prepare(splits, model.transform, dataset_config, cfg.cache_dir if cfg.image_cache else None)
     # Statistics depend on the model, the calibration images and BatchNorm handling only:
     # gathered once, reused by every word length (from memory, or from the cache folder).
     network = {"model": OmegaConf.to_container(cfg.model, resolve=True), "weights": weights_fingerprint(model.module)}

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import re
@@ -35,7 +34,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from fxpsweep.core.storage import atomic_write_json
+from fxpsweep.core.storage import atomic_write_json, read_record
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +68,6 @@ def folder_name(overrides: str) -> str:
 
 
 OmegaConf.register_new_resolver("fxpsweep.job_folder", folder_name, replace=True)
-
-
-def read_record(path: Path) -> dict[str, Any] | None:
-    """The JSON object in the record file ``path``; None where it is missing, unreadable or not a JSON object."""
-    try:
-        record = json.loads(path.read_bytes())
-    except (OSError, ValueError):  # ValueError: broken JSON or text that is not UTF-8
-        return None
-    return record if isinstance(record, dict) else None
 
 
 def status(folder: Path) -> str:

@@ -174,3 +174,33 @@ def test_a_bad_npz_dataset_is_one_line_naming_the_file(tmp_path) -> None:
         with pytest.raises(ConfigError) as err:
             split_npz(str(path), n_samples=1, eval_limit=None, seed=0)
         assert str(err.value).startswith(f"dataset.path={path}") and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_labels_the_model_cannot_score_are_refused_before_any_image_is_decoded(imagenet_pair, tmp_path) -> None:
+    import numpy as np
+
+    from fxpsweep.data.splits import check_labels, split_image_list, split_npz
+    from fxpsweep.models import PretrainedModel
+
+    ten_classes = PretrainedModel(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10)))
+    assert ten_classes.classes == 10
+    assert PretrainedModel(torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Conv2d(8, 100, 1))).classes == 100
+    x = np.zeros((6, 8, 8, 3), np.uint8)
+    splits = split_npz(str(_npz(tmp_path / "eleven.npz", x=x, y=np.array([0, 1, 2, 3, 10, 4]))), n_samples=1, eval_limit=None, seed=0)
+    evaluation_labels = [label for _, label in splits.evaluation]
+    with pytest.raises(ConfigError) as err:
+        check_labels(splits.evaluation, ten_classes.classes, "digits_cnn")
+    bad = evaluation_labels.index(10)
+    assert str(err.value).startswith(f"dataset: evaluation image {bad} has label 10, beyond the 10 classes of model=digits_cnn")
+    check_labels(splits.evaluation, 11, "eleven_classes")
+    # the pickle (PickledJpegs.labels) and the image list (ImageList.labels) are checked the same way
+    root, py2, _, labels = imagenet_pair
+    check_labels(split_jpeg_pickle(str(py2), url=None, n_samples=1, eval_limit=None, seed=0, cache_dir=str(tmp_path)).evaluation, 1000, "resnet18")
+    with pytest.raises(ConfigError, match="has label 500, beyond the 10 classes"):
+        check_labels(split_jpeg_pickle(str(py2), url=None, n_samples=1, eval_limit=None, seed=0, cache_dir=str(tmp_path)).evaluation, 10, "x")
+    (root / "list.txt").write_text("".join(f"{f.relative_to(root)}, {int(f.parent.name[1:])}\n" for f in sorted(root.rglob("*.JPEG"))))
+    with pytest.raises(ConfigError, match="has label 500, beyond the 500 classes"):
+        check_labels(split_image_list(str(root), "list.txt", n_samples=1, eval_limit=None, seed=0).evaluation, 500, "x")
+    (root / "bad.txt").write_text("a.JPEG, -1\n")
+    with pytest.raises(ConfigError, match=r"bad.txt:1: expected 'path, label' \(a label >= 0\)"):
+        split_image_list(str(root), "bad.txt", n_samples=1, eval_limit=None, seed=0)

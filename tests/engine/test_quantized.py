@@ -12,6 +12,7 @@ from fxpsweep.core.errors import ConfigError
 from fxpsweep.engine.ops import FixedDot
 from fxpsweep.engine.network import QuantizedNetwork
 from fxpsweep.engine.settings import QuantSettings
+from fxpsweep.core.rules import parse_rule
 
 
 class FunctionalResBlock(nn.Module):
@@ -87,6 +88,20 @@ def test_sixteen_bits_track_the_float_network(arithmetic: str) -> None:
 def test_unsupported_operation_is_refused() -> None:
     with pytest.raises(ConfigError, match="Sigmoid"):
         QuantizedNetwork(nn.Sequential(nn.Conv2d(1, 2, 1), nn.Sigmoid()), QuantSettings(8, 8))
+
+
+def test_widths_whose_exact_sums_could_pass_2_53_are_refused_before_calibration() -> None:
+    # K = 2*3*3 = 18 products: A + W - 2 + log2(18) < 53 allows A + W <= 50; a one-product-at-a-time
+    # accumulator only needs each product below 2**53 (A + W <= 54).
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 2 * 2, 2))
+    net = QuantizedNetwork(model, QuantSettings(param_bits=25, fwd_bits=25))
+    net.calibrate([torch.randn(4, 2, 4, 4)])  # the layers' own check of their codes agrees
+    with pytest.raises(ConfigError, match=r"param_bits=26, fwd_bits=25: layer '0' sums 18 products .* <= 50"):
+        QuantizedNetwork(model, QuantSettings(param_bits=26, fwd_bits=25))
+    with pytest.raises(ConfigError, match=r"layer '3' sums 12 products .* <= 51"):  # its input: the 25-bit output of '0'
+        QuantizedNetwork(model, QuantSettings(param_bits=25, fwd_bits=25), rules=[parse_rule("3 weight=27")])
+    QuantizedNetwork(model, QuantSettings(param_bits=26, fwd_bits=26, acc_bits=32, acc_overflow="saturate"))
+    QuantizedNetwork(model, QuantSettings(param_bits=32, fwd_bits=32, arithmetic="fast"))
 
 
 def test_inference_before_calibration_is_refused() -> None:

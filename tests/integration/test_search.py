@@ -101,22 +101,3 @@ def test_a_killed_search_resumes_without_redoing_finished_evaluations(tmp_path, 
     result = json.loads((tmp_path / "rerun" / "result.json").read_text())
     assert result["fwd_bits"] == 8 and result["seed"] == 1 and not result["bias_correction"]
     assert result["quant_top1"] == answer["holdout"]["top1"] and result["weight_kib"] == answer["holdout"]["weight_kib"]
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["search.tolerance=-1"], "search.tolerance=-1 must be a positive number of top-1 points"),
-        (["search.widths=[1,4]"], "search.widths=[1, 4] must be a list of word lengths, integers from 2 to 32"),
-        (["search.cost=area"], "search.cost='area' is unknown; allowed: weight_memory, bitops"),
-        (["search.confidence=1"], "search.confidence=1 must be a probability from 0.5 (no bound: the measured drop) to below 1"),
-        (["search.activation_bits=1"], "search.activation_bits=1 must be null (activations take the weights' uniform width) or a word length"),
-        (['precision.rules=["features.0 weight=4"]'], "precision.rules and probe are what the search chooses; leave them out"),
-        (["search.probe_images=0"], "search.probe_images=0 must be a positive number of images"),
-        (["search.polish_evaluations=-1"], "search.polish_evaluations=-1 must be a whole number >= 0"),
-    ],
-)
-def test_bad_search_settings_are_one_line_errors(args, message, tmp_path, cache_dir) -> None:
-    proc = search(tmp_path / "s", cache_dir, *args)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and message in stderr and "Traceback" not in stderr

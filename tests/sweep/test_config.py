@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO
 from fxpsweep.engine.settings import QuantSettings
-from fxpsweep.sweep.config import job_identity, markdown_rows, quant_settings, schema_keys
+from fxpsweep.sweep.config import DOCS_MARKERS, job_identity, markdown_rows, quant_settings, schema_keys
 
 CONF = REPO / "conf"
 KINDS = ("digits", "imagenet", "cifar10", "cifar100")
@@ -76,5 +76,27 @@ def test_the_composed_defaults_are_the_schemas_and_make_the_settings_and_identit
 
 def test_the_docs_list_every_schema_key_as_declared() -> None:
     docs = (REPO / "docs" / "configuration.md").read_text()
-    table = docs.split("<!-- job-keys -->\n", 1)[1].split("<!-- /job-keys -->", 1)[0].splitlines()[2:]
-    assert table == markdown_rows(), "rewrite it: python -m fxpsweep.sweep.config docs/configuration.md"
+    for marker in DOCS_MARKERS:
+        table = docs.split(f"<!-- {marker} -->\n", 1)[1].split(f"<!-- /{marker} -->", 1)[0].splitlines()[2:]
+        assert table == markdown_rows(marker), "rewrite it: python -m fxpsweep.sweep.config docs/configuration.md"
+
+
+def test_a_cache_folder_with_a_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch) -> None:
+    import os
+
+    from fxpsweep.core.errors import ConfigError
+    from fxpsweep.sweep.config import check_config
+
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "images").mkdir()
+    cfg = _compose([f"cache_dir={tmp_path}"])
+    check_config(cfg)
+    (tmp_path / "images").chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: make os.access answer as it would for anyone else
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: bool(os.stat(p).st_mode & 0o200) and real_access(p, mode))
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    assert str(err.value) == (f"cache_dir={tmp_path}: its folder images/ cannot be written; give a folder fxpsweep can write "
+                              "to throughout, or make it writable")
+    (tmp_path / "images").chmod(0o755)
