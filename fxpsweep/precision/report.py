@@ -40,21 +40,38 @@ def write_search_report(out: Path, answer: dict[str, Any]) -> str:
         f"| searched assignment ({_assignment(answer)}) | {h['top1']:.2f} | {h['float_top1'] - h['top1']:.2f} | "
         f"{h['weight_kib']:.1f} | {h['bitops'] / 1e9:.3f} |",
     ]
-    if cheapest is not None:
-        u = h["uniform"][str(cheapest)] if str(cheapest) in h["uniform"] else h["uniform"][cheapest]
-        lines.append(
-            f"| cheapest uniform width meeting it: {cheapest} bits | {u['top1']:.2f} | {h['float_top1'] - u['top1']:.2f} | "
-            f"{u['weight_kib']:.1f} | {u['bitops'] / 1e9:.3f} |"
-        )
-        lines += [
-            "",
-            f"Weight memory {_change(h['weight_kib'], u['weight_kib'])}, BitOps {_change(h['bitops'], u['bitops'])} "
-            f"the cheapest uniform width; within the tolerance on the holdout images: {'yes' if h['within_tolerance'] else 'no'}.",
-        ]
+    a = answer["activation_bits"]
+    comparisons = [("uniform", cheapest, f"cheapest uniform width meeting it: {cheapest} bits (W{cheapest}A{cheapest})")]
+    if a:
+        w = h.get("cheapest_uniform_weights")
+        comparisons.append(("uniform_weights", w, f"cheapest uniform weight width at {a}-bit activations meeting it: W{w}A{a}"))
+    summary = []
+    for kind, width, label in comparisons:
+        if width is None:
+            summary.append(f"no {'uniform width' if kind == 'uniform' else f'uniform weight width at {a}-bit activations'} "
+                           "meets the tolerance on the holdout images")
+            continue
+        u = _at(h[kind], width)
+        lines.append(f"| {label} | {u['top1']:.2f} | {h['float_top1'] - u['top1']:.2f} | {u['weight_kib']:.1f} | {u['bitops'] / 1e9:.3f} |")
+        name = f"W{width}A{width}" if kind == "uniform" else f"W{width}A{a}"
+        summary.append(f"against {name}, weight memory {_change(h['weight_kib'], u['weight_kib'])} and BitOps "
+                       f"{_change(h['bitops'], u['bitops'])}")
+    narrowing = len(answer["rules"])
+    lines += [
+        "",
+        f"The answer, {'; '.join(summary)}. {narrowing} rule"
+        f"{'' if narrowing == 1 else 's'} narrow{'s' if narrowing == 1 else ''} registers below the {answer['uniform_width']}-bit base; "
+        f"within the tolerance on the holdout images: {'yes' if h['within_tolerance'] else 'no'}.",
+    ]
     markdown = "\n".join(lines) + "\n"
     atomic_write_text(out / "search.md", markdown)
     _plot(trace, key, answer, out / "search.png")
     return markdown
+
+
+def _at(by_width: dict, width: int) -> dict[str, float]:
+    """One width's entry: keys are numbers in memory and strings once read back from ``search.json``."""
+    return by_width[width] if width in by_width else by_width[str(width)]
 
 
 def _assignment(answer: dict[str, Any]) -> str:
@@ -64,8 +81,10 @@ def _assignment(answer: dict[str, Any]) -> str:
 
 
 def _change(value: float, reference: float) -> str:
-    """``value`` against ``reference`` in words: '12.6 % below' or '10.7 % above'."""
+    """``value`` against ``reference`` in words: '12.6 % below', '10.7 % above' or 'the same'."""
     percent = 100 * (value / reference - 1)
+    if abs(percent) < 0.05:
+        return "the same"
     return f"{abs(percent):.1f} % {'above' if percent > 0 else 'below'}"
 
 

@@ -39,12 +39,14 @@ assignments that miss on other images.
    ``polish_evaluations`` ran. The summed noise is a model of how layers
    interact; this step asks the search images instead. Its result is the answer.
 5. The answer and every uniform width of ``holdout_widths`` (weights and
-   activations alike) are evaluated on the holdout images; the report
-   compares the answer with the cheapest uniform width that meets the
+   activations alike) are evaluated on the holdout images, and with
+   ``activation_bits`` also every uniform weight width at those activations;
+   the report compares the answer with the cheapest of each that meets the
    tolerance there.
 
 Exhaustive search would evaluate ``len(widths) ** knobs`` assignments; this
-needs about ``(widths up to u) + knobs * (widths below u) + 10 + polish_evaluations + len(holdout_widths)``.
+needs about ``(widths up to u) + knobs * (widths below u) + 10 + polish_evaluations + len(holdout_widths)``
+(twice that last term with ``activation_bits``).
 """
 
 from __future__ import annotations
@@ -313,9 +315,17 @@ def search(base: DictConfig, settings: SearchSettings, out: Path, run: RunJob) -
     # 5. Judged on the holdout images, beside every uniform width.
     final = evaluate("holdout", u, chosen, "holdout", activation_bits=fixed)
     holdout_uniform = {w: evaluate("holdout", w, [], "holdout") for w in settings.holdout_widths}
+    # With activations fixed, also every uniform weight width at the answer's activations (WkA8): what the
+    # per-layer rules add beyond the weight/activation split.
+    same_activations = {w: evaluate("holdout", w, [], "holdout", activation_bits=fixed) for w in settings.holdout_widths} if fixed else {}
     holdout_float = final.float_top1
-    meeting = [w for w, e in holdout_uniform.items() if holdout_float - e.top1 <= settings.tolerance]
-    cheapest = min(meeting, key=lambda w: getattr(holdout_uniform[w], key)) if meeting else None
+
+    def cheapest_meeting(evaluations: dict[int, Evaluation]) -> int | None:
+        meeting = [w for w, e in evaluations.items() if holdout_float - e.top1 <= settings.tolerance]
+        return min(meeting, key=lambda w: getattr(evaluations[w], key)) if meeting else None
+
+    def costs(evaluations: dict[int, Evaluation]) -> dict[int, dict[str, float]]:
+        return {w: {"top1": e.top1, "weight_kib": e.weight_kib, "bitops": e.bitops} for w, e in evaluations.items()}
     computed = sum(not e.resumed for e in evaluate.trace)
     return {
         "tolerance": settings.tolerance, "confidence": settings.confidence, "cost": settings.cost, "widths": settings.widths,
@@ -324,8 +334,8 @@ def search(base: DictConfig, settings: SearchSettings, out: Path, run: RunJob) -
         "holdout": {
             "float_top1": holdout_float, "top1": final.top1, "weight_kib": final.weight_kib, "bitops": final.bitops,
             "images": final.images, "drop_error": final.drop_error, "within_tolerance": holdout_float - final.top1 <= settings.tolerance,
-            "cheapest_uniform": cheapest,
-            "uniform": {w: {"top1": e.top1, "weight_kib": e.weight_kib, "bitops": e.bitops} for w, e in holdout_uniform.items()},
+            "cheapest_uniform": cheapest_meeting(holdout_uniform), "uniform": costs(holdout_uniform),
+            "cheapest_uniform_weights": cheapest_meeting(same_activations), "uniform_weights": costs(same_activations),
         },
         "polish_evaluations": polished, "evaluations": len(evaluate.trace), "evaluations_run_now": computed,
         "knobs": len(knobs), "exhaustive_assignments": len(settings.widths) ** len(knobs),

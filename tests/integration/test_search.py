@@ -91,6 +91,16 @@ def test_a_killed_search_resumes_without_redoing_finished_evaluations(tmp_path, 
     # Every evaluation but the uniform widths it is judged beside keeps activations at 8; so does its precision file.
     results = [json.loads(p.read_text()) for p in jobs]
     assert {r["fwd_bits"] for r in results if r["eval_split"] == "search" or r["precision_rules"]} == {8}
+    # Judged beside every uniform width (WkAk) and every uniform weight width at its 8-bit activations (WkA8).
+    h = answer["holdout"]
+    assert sorted(map(int, h["uniform"])) == sorted(map(int, h["uniform_weights"])) == [2, 3, 4, 5, 6, 7, 8]
+    report = (out / "search.md").read_text()
+    for kind, name in (("cheapest_uniform", "W{w}A{w}"), ("cheapest_uniform_weights", "W{w}A8")):
+        by_width = {int(w): u for w, u in h[kind.removeprefix("cheapest_")].items()}
+        meeting = [w for w, u in by_width.items() if h["float_top1"] - u["top1"] <= answer["tolerance"]]
+        assert h[kind] == (min(meeting, key=lambda w: by_width[w]["weight_kib"]) if meeting else None)
+        assert h[kind] is None or name.format(w=h[kind]) in report
+    assert f"narrow{'s' if len(answer['rules']) == 1 else ''} registers below the {answer['uniform_width']}-bit base" in report
     # The printed command (the precision file and the search's own seed and calibration) reproduces the holdout figure.
     (command,) = [line.removeprefix("run it: ") for line in stdout.splitlines() if line.startswith("run it: ")]
     words = shlex.split(command)
