@@ -57,6 +57,8 @@ def parse_rule(text: object, where: str = "precision.rules") -> Rule:
             raise ConfigError(
                 f"{where}: {setting} in rule {text!r} is not a word length; allowed: an integer from {MIN_BITS} to {MAX_BITS} (sign bit included)"
             )
+        if key in dict(bits):
+            raise ConfigError(f"{where}: rule {text!r} sets {key} twice; give each of {', '.join(KEYS)} at most once")
         bits.append((key, int(value)))
     return Rule(pattern, tuple(bits), where)
 

@@ -63,6 +63,8 @@ BAD_VALUES: dict[str, list[tuple[str, str]]] = {
                ("device.keep_freed_memory=sometimes", "device.keep_freed_memory='sometimes' must be true or false")],
     "precision": [("precision=mixed", "Could not find 'precision/mixed'"),
                   ('precision.rules=["features.0 weight=40"]', "precision.rules[0]: weight=40 in rule 'features.0 weight=40' is not a word length"),
+                  ('precision.rules=["features.0 weight=4 weight=6"]',
+                   "precision.rules[0]: rule 'features.0 weight=4 weight=6' sets weight twice; give each of"),
                   ("precision.rules='features.* weight=4'",
                    "precision.rules='features.* weight=4' must be a list of rules, e.g. precision.rules=['features.* weight=4']")],
 }
