@@ -121,6 +121,8 @@ _LIBC = ctypes.CDLL(_LIBC_NAME) if _LIBC_NAME else None
 
 
 GIVE_BACK_ABOVE_MB = 1536  # resident memory above which a test's freed memory goes back to the system
+GROWN_BY_MB = 256  # ... once it has grown this much since the last give-back (what that left is not freed memory)
+_resident_after_give_back = 0
 
 
 def _resident_mb() -> int:
@@ -132,8 +134,15 @@ def _resident_mb() -> int:
 def give_memory_back() -> None:
     """After a test that leaves the process large, hand the memory its networks freed back to the system: glibc
     keeps freed blocks below its mmap threshold in the heap, one process runs the whole suite, and the next
-    test's own peak would come on top (a collection and a trim cost too much to run after every small test)."""
+    test's own peak would come on top. A collection and a trim cost up to a second in a large process, too much
+    to run after every small test: they run when a test left the process above the line and larger than the last
+    give-back left it, by more than ``GROWN_BY_MB``."""
+    global _resident_after_give_back
     yield
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim") and _resident_mb() > GIVE_BACK_ABOVE_MB:
+    resident = _resident_mb()
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim") and resident > max(GIVE_BACK_ABOVE_MB, _resident_after_give_back + GROWN_BY_MB):
         gc.collect()
         _LIBC.malloc_trim(0)
+        _resident_after_give_back = _resident_mb()
+    else:  # a process that shrank since gives back again from where it is now
+        _resident_after_give_back = min(_resident_after_give_back, resident)
