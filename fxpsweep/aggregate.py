@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--readme {args.readme}: {getattr(err, 'strerror', None) or err}")
     except ConfigError as err:
         parser.error(str(err))
-    if load_results(args.sweep_dirs).empty:
+    results = load_results(args.sweep_dirs)
+    if results.empty:
         parser.error(f"no job folders (result.json, error.json or job.json) under {', '.join(map(str, args.sweep_dirs))}; "
                      "give the folder a run or sweep wrote")
     table = write_tables(args.sweep_dirs, args.out or args.sweep_dirs[0])
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     if readme is not None:
         atomic_write_text(args.readme, replace_between_markers(readme, args.marker, markdown))
         print(f"rewrote the {args.marker!r} table in {args.readme}")
-    failed = int((load_results(args.sweep_dirs).status != "done").sum())
+    failed = int((results.status != "done").sum())
     if failed:
         print(f"{failed} job(s) failed, did not finish or have a damaged result.json: see their folders' error.json "
               "(or job.json alone); a rerun of the sweep runs them again")
